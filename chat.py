@@ -1,0 +1,812 @@
+"""A small real-time chat service: accounts, JWT tokens, message history and a live websocket.
+
+Run it with `uvicorn chat:app`, or mount `chat.app` inside another ASGI app.
+Everything is configured through environment variables (see the README).
+"""
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+import databases
+import jwt
+import redis.asyncio
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.schemas import SchemaGenerator
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+log = logging.getLogger("chat")
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def config_error(message):
+    """Stop start-up with one line that names the variable at fault."""
+    sys.exit(f"chat: configuration error: {message}")
+
+
+def env_int(name, default, minimum, maximum):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"\d{1,9}", raw) or not minimum <= int(raw) <= maximum:
+        config_error(f"{name} must be a whole number from {minimum} to {maximum}, not {raw!r}")
+    return int(raw)
+
+
+SEED_PLACEHOLDER_KEY = "your-secret-key-change-this-in-production"
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if SECRET_KEY == SEED_PLACEHOLDER_KEY:
+    config_error("SECRET_KEY is the placeholder from the API document; set a real secret")
+if not SECRET_KEY:
+    SECRET_KEY = secrets.token_urlsafe(32)
+    log.warning(
+        "SECRET_KEY is not set: using a random key, so tokens die with this process and are "
+        "not shared between processes. Set SECRET_KEY in production."
+    )
+
+ALGORITHM = "HS256"
+ACCESS_TOKEN_EXPIRE_MINUTES = env_int("ACCESS_TOKEN_EXPIRE_MINUTES", 15, 1, 525_600)
+REFRESH_TOKEN_EXPIRE_DAYS = env_int("REFRESH_TOKEN_EXPIRE_DAYS", 7, 1, 3650)
+BCRYPT_ROUNDS = env_int("BCRYPT_ROUNDS", 12, 4, 31)
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "").strip() or "sqlite+aiosqlite:///./chat.db"
+DATABASE_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"}
+if DATABASE_URL.partition("://")[0] not in DATABASE_SCHEMES:
+    config_error(f"DATABASE_URL must start with one of {sorted(DATABASE_SCHEMES)}, not {DATABASE_URL!r}")
+USES_SQLITE = DATABASE_URL.startswith("sqlite")
+
+BROADCAST_URL = os.environ.get("BROADCAST_URL", "").strip()
+if BROADCAST_URL and BROADCAST_URL.partition("://")[0] not in {"redis", "rediss"}:
+    config_error(f"BROADCAST_URL must be a redis:// or rediss:// URL, not {BROADCAST_URL!r}")
+
+CORS_ORIGINS = [o.strip() for o in os.environ.get("CORS_ORIGINS", "*").split(",") if o.strip()]
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_MESSAGE_CHARS = 1000
+WS_MAX_FRAME_BYTES = 64 * 1024  # for uvicorn's --ws-max-size: no frame may be bigger than this
+OUTBOX_LIMIT = 256  # frames queued for one websocket before it counts as too slow
+CLOSE_TOO_SLOW = 1013  # "try again later": reconnect with ?after=<last id> to catch up
+REDIS_CHANNEL = "chat:messages"
+
+
+# ---------------------------------------------------------------- SQL access
+
+# Python's sqlite3 waits this long for a lock (its busy timeout) instead of failing at once.
+database = databases.Database(DATABASE_URL, **({"timeout": 5.0} if USES_SQLITE else {}))
+
+# schema.sql is written for SQLite; this is the one phrase PostgreSQL spells differently.
+POSTGRES_SPELLINGS = {"INTEGER PRIMARY KEY AUTOINCREMENT": "BIGSERIAL PRIMARY KEY"}
+
+
+def schema_statements():
+    text = (HERE / "schema.sql").read_text()
+    text = "\n".join(line.split("--")[0] for line in text.splitlines())
+    if not USES_SQLITE:
+        for sqlite_phrase, postgres_phrase in POSTGRES_SPELLINGS.items():
+            text = text.replace(sqlite_phrase, postgres_phrase)
+    return [statement.strip() for statement in text.split(";") if statement.strip()]
+
+
+async def apply_schema():
+    if USES_SQLITE:
+        await database.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
+    for statement in schema_statements():
+        await database.execute(statement)
+
+
+async def find_user(username):
+    return await database.fetch_one(
+        "SELECT username, password FROM users WHERE lower(username) = lower(:username)",
+        {"username": username},
+    )
+
+
+async def insert_message(username, text):
+    return await database.fetch_val(
+        "INSERT INTO messages (username, text) VALUES (:username, :text) RETURNING id",
+        {"username": username, "text": text},
+    )
+
+
+LATEST_MESSAGES = """
+    SELECT id, username, text FROM (
+        SELECT id, username, text FROM messages WHERE id < :before ORDER BY id DESC LIMIT :limit
+    ) AS latest ORDER BY id"""
+MESSAGES_AFTER = """
+    SELECT id, username, text FROM messages
+    WHERE id > :after AND id < :before ORDER BY id LIMIT :limit"""
+NO_ID_LIMIT = 2**62
+
+
+async def fetch_messages(limit, before=None, after=None):
+    """Messages in ascending id order: the page just after `after`, else the latest before `before`."""
+    values = {"limit": limit, "before": NO_ID_LIMIT if before is None else before}
+    if after is None:
+        rows = await database.fetch_all(LATEST_MESSAGES, values)
+    else:
+        rows = await database.fetch_all(MESSAGES_AFTER, {**values, "after": after})
+    return [{"id": row["id"], "username": row["username"], "text": row["text"]} for row in rows]
+
+
+# ---------------------------------------------------------------- passwords and tokens
+
+# Hashing runs in these threads, never on the event loop; a login storm queues here
+# instead of taking every core from the websockets.
+bcrypt_threads = concurrent.futures.ThreadPoolExecutor(
+    max_workers=max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="bcrypt"
+)
+
+
+async def in_bcrypt_thread(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(bcrypt_threads, function, *args)
+
+
+def hash_password(password):
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+
+
+def password_matches(password, password_hash):
+    return bcrypt.checkpw(password.encode(), password_hash.encode())
+
+
+# Checked when the user does not exist, so that an unknown name costs as long as a wrong password.
+DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def make_token(username, token_type, lifetime_seconds, jti=None):
+    now = int(time.time())
+    claims = {"sub": username, "type": token_type, "iat": now, "exp": now + lifetime_seconds}
+    if jti:
+        claims["jti"] = jti
+    return jwt.encode(claims, SECRET_KEY, algorithm=ALGORITHM)
+
+
+def decode_token(token, token_type, verify_exp=True):
+    """The token's claims if it is a well-formed, signed token of this type; otherwise None."""
+    if not isinstance(token, str):
+        return None
+    try:
+        claims = jwt.decode(
+            token,
+            SECRET_KEY,
+            algorithms=[ALGORITHM],
+            options={"require": ["sub", "exp", "iat", "type"], "verify_exp": verify_exp},
+        )
+    except jwt.InvalidTokenError:
+        return None
+    if claims["type"] != token_type or not isinstance(claims["sub"], str):
+        return None
+    if token_type == "refresh" and not isinstance(claims.get("jti"), str):
+        return None
+    return claims
+
+
+async def issue_tokens(username):
+    """A new access token and a new single-use refresh token, recorded in refresh_tokens."""
+    lifetime = REFRESH_TOKEN_EXPIRE_DAYS * 86400
+    jti = secrets.token_urlsafe(16)
+    refresh_token = make_token(username, "refresh", lifetime, jti)
+    await database.execute(
+        "INSERT INTO refresh_tokens (jti, username, expires_at) VALUES (:jti, :username, :expires_at)",
+        {"jti": jti, "username": username, "expires_at": int(time.time()) + lifetime},
+    )
+    return {
+        "access_token": make_token(username, "access", ACCESS_TOKEN_EXPIRE_MINUTES * 60),
+        "refresh_token": refresh_token,
+        "token_type": "bearer",
+    }
+
+
+async def forget_expired_refresh_tokens():
+    await database.execute(
+        "DELETE FROM refresh_tokens WHERE expires_at < :now", {"now": int(time.time())}
+    )
+
+
+def bearer_user(request):
+    """The username of a valid access token in the Authorization header, or a 401."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    claims = decode_token(token.strip(), "access") if scheme.lower() == "bearer" else None
+    if claims is None:
+        raise HTTPException(401, "Invalid or expired token", headers={"WWW-Authenticate": "Bearer"})
+    return claims["sub"]
+
+
+# ---------------------------------------------------------------- HTTP routes
+
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+
+
+async def read_fields(request, *names):
+    """The named string fields of a JSON object body, or a 400 that says what is wrong."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise HTTPException(400, "Request body must be valid JSON")
+    if not isinstance(body, dict):
+        raise HTTPException(400, "Request body must be a JSON object")
+    for name in names:
+        if name not in body:
+            raise HTTPException(400, f"Field '{name}' is required")
+        if not isinstance(body[name], str):
+            raise HTTPException(400, f"Field '{name}' must be a string")
+    return [body[name] for name in names]
+
+
+def check_new_account(username, password):
+    if not USERNAME_PATTERN.fullmatch(username):
+        raise HTTPException(
+            400, "Username must be 1 to 20 characters, each a letter, digit, '_', '.' or '-'"
+        )
+    if len(password) < 8:
+        raise HTTPException(400, "Password must be at least 8 characters")
+    if len(password.encode()) > 72:
+        raise HTTPException(400, "Password must be at most 72 bytes in UTF-8 (bcrypt's limit)")
+
+
+async def register(request):
+    """
+    summary: Create an account.
+    requestBody: {required: true, content: {application/json: {schema: {$ref: '#/components/schemas/Credentials'}}}}
+    responses:
+      200: {description: Registered, content: {application/json: {schema: {$ref: '#/components/schemas/Message'}}}}
+      400: {$ref: '#/components/responses/Error'}
+      413: {$ref: '#/components/responses/Error'}
+    """
+    username, password = await read_fields(request, "username", "password")
+    check_new_account(username, password)
+    if await find_user(username):
+        raise HTTPException(400, "Username already exists")
+    password_hash = await in_bcrypt_thread(hash_password, password)
+    try:
+        await database.execute(
+            "INSERT INTO users (username, password) VALUES (:username, :password)",
+            {"username": username, "password": password_hash},
+        )
+    except Exception:
+        if await find_user(username):  # a concurrent registration of the same name won
+            raise HTTPException(400, "Username already exists")
+        raise
+    return JSONResponse({"message": "Registration successful"})
+
+
+async def login(request):
+    """
+    summary: Exchange a username and password for an access and a refresh token.
+    requestBody: {required: true, content: {application/json: {schema: {$ref: '#/components/schemas/Credentials'}}}}
+    responses:
+      200: {description: Logged in, content: {application/json: {schema: {$ref: '#/components/schemas/Tokens'}}}}
+      400: {$ref: '#/components/responses/Error'}
+      401: {$ref: '#/components/responses/Error'}
+      413: {$ref: '#/components/responses/Error'}
+    """
+    username, password = await read_fields(request, "username", "password")
+    user = await find_user(username)
+    usable = len(password.encode()) <= 72  # bcrypt refuses longer ones, so no account has one
+    matches = await in_bcrypt_thread(
+        password_matches, password if usable else "", user["password"] if user else DUMMY_PASSWORD_HASH
+    )
+    if not (user and usable and matches):
+        raise HTTPException(401, "Invalid username or password")
+    await forget_expired_refresh_tokens()
+    return JSONResponse(await issue_tokens(user["username"]))
+
+
+async def refresh(request):
+    """
+    summary: Exchange a refresh token, once, for a new token pair.
+    requestBody: {required: true, content: {application/json: {schema: {$ref: '#/components/schemas/RefreshRequest'}}}}
+    responses:
+      200: {description: New tokens, content: {application/json: {schema: {$ref: '#/components/schemas/Tokens'}}}}
+      400: {$ref: '#/components/responses/Error'}
+      401: {$ref: '#/components/responses/Error'}
+      413: {$ref: '#/components/responses/Error'}
+    """
+    (token,) = await read_fields(request, "refresh_token")
+    claims = decode_token(token, "refresh")
+    invalid = HTTPException(401, "Invalid refresh token", headers={"WWW-Authenticate": "Bearer"})
+    if claims is None:
+        raise invalid
+    # One atomic update: of two concurrent refreshes with one token, exactly one gets the row.
+    owner = await database.fetch_val(
+        "UPDATE refresh_tokens SET used = 1 WHERE jti = :jti AND used = 0 RETURNING username",
+        {"jti": claims["jti"]},
+    )
+    if owner is None:
+        used = await database.fetch_val(
+            "SELECT username FROM refresh_tokens WHERE jti = :jti", {"jti": claims["jti"]}
+        )
+        if used is not None:  # a used token shown again: someone holds a stolen copy
+            log.warning("refresh token reused for %r: revoking all of its refresh tokens", used)
+            await database.execute(
+                "DELETE FROM refresh_tokens WHERE username = :username", {"username": used}
+            )
+        raise invalid
+    return JSONResponse(await issue_tokens(owner))
+
+
+async def logout(request):
+    """
+    summary: Revoke a refresh token. Logging out twice is fine.
+    requestBody: {required: true, content: {application/json: {schema: {$ref: '#/components/schemas/RefreshRequest'}}}}
+    responses:
+      200: {description: Logged out, content: {application/json: {schema: {$ref: '#/components/schemas/Message'}}}}
+      400: {$ref: '#/components/responses/Error'}
+      401: {$ref: '#/components/responses/Error'}
+      413: {$ref: '#/components/responses/Error'}
+    """
+    (token,) = await read_fields(request, "refresh_token")
+    claims = decode_token(token, "refresh", verify_exp=False)
+    if claims is None:
+        raise HTTPException(401, "Invalid refresh token", headers={"WWW-Authenticate": "Bearer"})
+    await database.execute("DELETE FROM refresh_tokens WHERE jti = :jti", {"jti": claims["jti"]})
+    return JSONResponse({"message": "Logged out"})
+
+
+def id_param(request, name, default=None, minimum=0, maximum=NO_ID_LIMIT):
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d{1,18}", raw) or not minimum <= int(raw) <= maximum:
+        raise HTTPException(400, f"Query parameter '{name}' must be a whole number from {minimum} to {maximum}")
+    return int(raw)
+
+
+async def list_messages(request):
+    """
+    summary: Message history, ascending by id. No parameters give the latest `limit` messages.
+    parameters:
+      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000, default: 100}}
+      - {name: before, in: query, description: only messages older than this id, schema: {type: integer, minimum: 0}}
+      - {name: after, in: query, description: only messages newer than this id, schema: {type: integer, minimum: 0}}
+    security: [{bearer: []}]
+    responses:
+      200: {description: Messages, content: {application/json: {schema: {type: array, items: {$ref: '#/components/schemas/ChatMessage'}}}}}
+      400: {$ref: '#/components/responses/Error'}
+      401: {$ref: '#/components/responses/Error'}
+    """
+    bearer_user(request)
+    limit = id_param(request, "limit", default=100, minimum=1, maximum=1000)
+    before = id_param(request, "before")
+    after = id_param(request, "after")
+    return JSONResponse(await fetch_messages(limit, before=before, after=after))
+
+
+async def health(request):
+    """
+    summary: 200 when the database answers, 503 otherwise.
+    responses:
+      200: {description: Healthy, content: {application/json: {schema: {type: object, properties: {status: {type: string}}}}}}
+      503: {$ref: '#/components/responses/Error'}
+    """
+    try:
+        await asyncio.wait_for(database.fetch_val("SELECT 1"), timeout=5)
+    except Exception:
+        return JSONResponse({"detail": "The database is not answering"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def web_client(request):
+    return FileResponse(HERE / "index.html", media_type="text/html")
+
+
+schemas = SchemaGenerator(
+    {
+        "openapi": "3.0.3",
+        "info": {"title": "Chat", "version": "1.0.0"},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "schemas": {
+                "Credentials": {
+                    "type": "object",
+                    "required": ["username", "password"],
+                    "properties": {"username": {"type": "string"}, "password": {"type": "string"}},
+                },
+                "RefreshRequest": {
+                    "type": "object",
+                    "required": ["refresh_token"],
+                    "properties": {"refresh_token": {"type": "string"}},
+                },
+                "Tokens": {
+                    "type": "object",
+                    "required": ["access_token", "refresh_token", "token_type"],
+                    "properties": {
+                        "access_token": {"type": "string"},
+                        "refresh_token": {"type": "string"},
+                        "token_type": {"type": "string", "enum": ["bearer"]},
+                    },
+                },
+                "Message": {
+                    "type": "object",
+                    "required": ["message"],
+                    "properties": {"message": {"type": "string"}},
+                },
+                "ChatMessage": {
+                    "type": "object",
+                    "required": ["id", "username", "text"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "username": {"type": "string"},
+                        "text": {"type": "string"},
+                    },
+                },
+            },
+            "responses": {
+                "Error": {
+                    "description": "An error, explained in a sentence",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["detail"],
+                                "properties": {"detail": {"type": "string"}},
+                            }
+                        }
+                    },
+                }
+            },
+        },
+    }
+)
+
+
+async def openapi_schema(request):
+    return schemas.OpenAPIResponse(request=request)
+
+
+# ---------------------------------------------------------------- websocket registry and routes
+
+# Every open chat websocket of this process, with the queue of frames waiting to go to it.
+# An outbox holds message dicts to send, or an int: the close code to end with.
+clients = {}
+recent_ids = collections.deque(maxlen=10_000)  # delivered ids, so a message is never delivered twice
+recent_id_set = set()
+highest_delivered_id = 0
+
+
+def chat_message(id, username, text):
+    """A stored message with both of its wire forms rendered once, not once per client."""
+    fields = {"id": id, "username": username, "text": text}
+    return {**fields, "line": f"{username}: {text}", "json": json.dumps(fields)}
+
+
+def deliver(message):
+    """Queue a stored message for every local websocket. Never waits on any of them."""
+    global highest_delivered_id
+    if message["id"] in recent_id_set:
+        return
+    if len(recent_ids) == recent_ids.maxlen:
+        recent_id_set.discard(recent_ids[0])
+    recent_ids.append(message["id"])
+    recent_id_set.add(message["id"])
+    highest_delivered_id = max(highest_delivered_id, message["id"])
+    for websocket, outbox in list(clients.items()):
+        if outbox.qsize() >= OUTBOX_LIMIT:
+            close_client(websocket, CLOSE_TOO_SLOW)
+        else:
+            outbox.put_nowait(message)
+
+
+def close_client(websocket, code):
+    """Take a websocket out of the broadcast; its writer sends what is queued, then closes."""
+    outbox = clients.pop(websocket, None)
+    if outbox is not None:
+        outbox.put_nowait(code)
+
+
+async def store_and_publish(username, text):
+    # The lock keeps this process's messages in id order from insert to delivery.
+    async with service["publish_lock"]:
+        message = chat_message(await insert_message(username, text), username, text)
+        redis_client = service.get("redis")
+        if redis_client is None:
+            deliver(message)
+            return
+        try:
+            await redis_client.publish(REDIS_CHANNEL, message["json"])
+        except redis.RedisError as error:
+            log.warning("could not publish message %s to Redis (%s); delivering locally", message["id"], error)
+            deliver(message)
+
+
+async def relay_from_redis(redis_client):
+    """Deliver what every process publishes to this process's websockets, reconnecting as needed."""
+    lost = False
+    while True:
+        try:
+            async with redis_client.pubsub() as pubsub:
+                await pubsub.subscribe(REDIS_CHANNEL)
+                if lost:
+                    log.warning("reconnected to Redis; delivering messages stored meanwhile")
+                    for row in await fetch_messages(1000, after=highest_delivered_id):
+                        deliver(chat_message(**row))
+                    lost = False
+                async for item in pubsub.listen():
+                    if item["type"] == "message":
+                        deliver(chat_message(**json.loads(item["data"])))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if not lost:
+                log.warning("lost the connection to Redis (%s); retrying every second", error)
+            lost = True
+            await asyncio.sleep(1)
+
+
+def query_id(websocket, name):
+    raw = websocket.query_params.get(name)
+    if raw is None:
+        return None
+    return int(raw) if re.fullmatch(r"\d{1,18}", raw) else -1
+
+
+async def replay(websocket, after, as_json):
+    """Send every stored message newer than `after`; returns the last id sent."""
+    while rows := await fetch_messages(500, after=after):
+        for row in rows:
+            message = chat_message(**row)
+            await websocket.send_text(message["json"] if as_json else message["line"])
+        after = rows[-1]["id"]
+    return after
+
+
+async def send_outbox(websocket, outbox, as_json, replayed_through):
+    """The one writer of a websocket: sends its queued messages in order, then its close code."""
+    try:
+        while True:
+            item = await outbox.get()
+            if isinstance(item, int):
+                await websocket.close(item)
+                return
+            if item["id"] > replayed_through:  # queued during the replay and already sent by it
+                await websocket.send_text(item["json"] if as_json else item["line"])
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client is gone, or closed first
+
+
+async def read_frames(websocket, username):
+    """Store and broadcast each text frame; returns a close code, or None once the client left."""
+    while True:
+        frame = await websocket.receive()
+        if frame["type"] == "websocket.disconnect":
+            return None
+        text = frame.get("text")
+        if text is None:
+            return 1003  # binary frames are not chat
+        if len(text) > MAX_MESSAGE_CHARS:
+            return 1009
+        if not text.strip() or "\x00" in text:
+            continue
+        try:
+            await store_and_publish(username, text)
+        except Exception:
+            log.exception("could not store a message from %r", username)
+            return 1011
+
+
+async def chat_socket(websocket):
+    # Accept before judging the token: a close before accept reaches the client as HTTP 403.
+    await websocket.accept()
+    claims = decode_token(websocket.query_params.get("token"), "access")
+    user = claims and await find_user(claims["sub"])
+    if not user:
+        await websocket.close(1008, "Invalid or expired token")
+        return
+    as_json = websocket.query_params.get("format") == "json"
+    after = query_id(websocket, "after")
+    if websocket.query_params.get("format", "json") != "json" or after == -1:
+        await websocket.close(1008, "format must be json and after a message id")
+        return
+
+    outbox = asyncio.Queue()
+    clients[websocket] = outbox  # before the replay, so nothing sent meanwhile is missed
+    writer = None
+    try:
+        replayed_through = await replay(websocket, after, as_json) if after is not None else 0
+        writer = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
+        code = await read_frames(websocket, user["username"])
+        if code is not None:
+            close_client(websocket, code)
+            await writer
+    except WebSocketDisconnect:
+        pass
+    finally:
+        clients.pop(websocket, None)
+        if writer is not None:
+            writer.cancel()
+
+
+async def close_all_websockets(code, wait_seconds=2.0):
+    """Close every local websocket with `code`, giving their writers a moment to send it."""
+    outboxes = list(clients.values())
+    for websocket in list(clients):
+        close_client(websocket, code)
+    deadline = time.monotonic() + wait_seconds
+    while any(not outbox.empty() for outbox in outboxes) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------- start-up, shutdown and the app
+
+# What start_service sets up on the running event loop: publish_lock, redis, relay, started.
+service = {}
+
+
+async def set_up_service():
+    recent_ids.clear()
+    recent_id_set.clear()
+    await database.connect()
+    await apply_schema()
+    service["publish_lock"] = asyncio.Lock()
+    if BROADCAST_URL:
+        global highest_delivered_id
+        highest_delivered_id = await database.fetch_val("SELECT coalesce(max(id), 0) FROM messages")
+        service["redis"] = redis.asyncio.from_url(BROADCAST_URL, socket_connect_timeout=2)
+        service["relay"] = asyncio.create_task(relay_from_redis(service["redis"]))
+
+
+async def start_service():
+    """Connect and apply the schema once per event loop, whether or not a lifespan ran."""
+    started = service.get("started")
+    loop = asyncio.get_running_loop()
+    if started is None or started.get_loop() is not loop or (started.done() and started.exception()):
+        if started is not None and started.get_loop() is not loop:
+            service.clear()
+        started = service["started"] = loop.create_task(set_up_service())
+    await asyncio.shield(started)
+
+
+async def stop_service():
+    relay = service.pop("relay", None)
+    if relay:
+        relay.cancel()
+    if service.get("redis"):
+        await service.pop("redis").aclose()
+    if database.is_connected:
+        await database.disconnect()
+    service.clear()
+
+
+def start_on_first_use(app):
+    """Middleware: make sure the database is ready before any request, mounted or not."""
+
+    async def asgi(scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            started = service.get("started")
+            if not (started and started.done() and not started.exception()):
+                try:
+                    await start_service()
+                except Exception:
+                    log.exception("could not start the chat service")
+                    if scope["type"] == "http":
+                        response = JSONResponse({"detail": "The database is not answering"}, 503)
+                        return await response(scope, receive, send)
+                    return await send({"type": "websocket.close", "code": 1011})
+        await app(scope, receive, send)
+
+    return asgi
+
+
+def limit_body_size(app):
+    """Middleware: a request body over MAX_BODY_BYTES gets a 413, however it is sent."""
+
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            response = JSONResponse({"detail": "Request body is larger than 64 KiB"}, 413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise HTTPException(413, "Request body is larger than 64 KiB")
+            return message
+
+        await app(scope, counting_receive, send)
+
+    return asgi
+
+
+def close_websockets_on_exit_signals():
+    """Uvicorn closes websockets with 1012 before the app hears of shutdown, so on SIGINT or
+    SIGTERM close ours with 1001 ("going away") first, then let uvicorn's handler run.
+    Returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def pass_on(signum, frame):
+        if callable(previous[signum]):
+            previous[signum](signum, frame)
+
+    def close_then_pass_on(signum, frame):
+        def begin():
+            task = loop.create_task(close_all_websockets(1001))
+            task.add_done_callback(lambda _: pass_on(signum, frame))
+
+        loop.call_soon_threadsafe(begin)
+
+    for sig in previous:
+        signal.signal(sig, close_then_pass_on)
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    await start_service()
+    restore_signal_handlers = close_websockets_on_exit_signals()
+    try:
+        yield
+    finally:
+        restore_signal_handlers()
+        await close_all_websockets(1001)
+        await stop_service()
+
+
+ERROR_SENTENCES = {404: "There is nothing at this path", 405: "This path does not accept that method"}
+
+
+async def http_error(request, exc):
+    detail = ERROR_SENTENCES.get(exc.status_code, exc.detail)
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def server_error(request, exc):
+    return JSONResponse({"detail": "Internal server error"}, status_code=500)
+
+
+routes = [
+    Route("/", web_client, include_in_schema=False),
+    Route("/health", health),
+    Route("/openapi.json", openapi_schema, include_in_schema=False),
+    Route("/auth/register", register, methods=["POST"]),
+    Route("/auth/login", login, methods=["POST"]),
+    Route("/auth/refresh", refresh, methods=["POST"]),
+    Route("/auth/logout", logout, methods=["POST"]),
+    Route("/auth/messages", list_messages, methods=["GET"]),
+    WebSocketRoute("/ws", chat_socket),
+]
+
+app = Starlette(
+    routes=routes,
+    middleware=[
+        Middleware(CORSMiddleware, allow_origins=CORS_ORIGINS, allow_methods=["*"], allow_headers=["*"]),
+        Middleware(limit_body_size),
+        Middleware(start_on_first_use),
+    ],
+    exception_handlers={HTTPException: http_error, Exception: server_error},
+    lifespan=lifespan,
+)
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=WS_MAX_FRAME_BYTES)
