@@ -1,0 +1,180 @@
+"""Shared set-up: one throw-away database per test run (SQLite or PostgreSQL, chosen by
+CHAT_TEST_DATABASE), the in-process app for HTTP tests, and real uvicorn servers on free
+ports for anything about websocket frames."""
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BACKEND = os.environ.get("CHAT_TEST_DATABASE", "sqlite")
+POSTGRES_ADMIN_URL = os.environ.get("CHAT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CHAT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+TMP = Path(tempfile.mkdtemp(prefix="chat-test-"))
+
+
+def postgres_admin(sql):
+    import asyncpg
+
+    async def run():
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+def make_postgres_database():
+    """A new database on the machine's PostgreSQL server, or None when none answers."""
+    name = "chat_test_" + secrets.token_hex(6)
+    try:
+        postgres_admin(f"CREATE DATABASE {name}")
+    except (OSError, asyncio.TimeoutError) as error:
+        if IN_CI:
+            raise SystemExit(f"PostgreSQL at {POSTGRES_ADMIN_URL} does not answer ({error}); CI needs it")
+        return None
+    return name
+
+
+POSTGRES_DATABASE = make_postgres_database() if BACKEND == "postgresql" else None
+if BACKEND == "postgresql":
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    DATABASE_URL = f"{base}/{POSTGRES_DATABASE}"
+else:
+    DATABASE_URL = f"sqlite+aiosqlite:///{TMP / 'chat.db'}"
+
+# chat.py reads its configuration at import, so this must come before any test imports it.
+os.environ.update(
+    DATABASE_URL=DATABASE_URL,
+    SECRET_KEY="test-" + secrets.token_urlsafe(32),
+    BCRYPT_ROUNDS="4",
+)
+os.environ.pop("BROADCAST_URL", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "postgresql" and POSTGRES_DATABASE is None:
+        skip = pytest.mark.skip(reason="no PostgreSQL server at 127.0.0.1:5432 (CI=true makes this a failure)")
+        for item in items:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if POSTGRES_DATABASE:
+        with contextlib.suppress(Exception):
+            postgres_admin(f"DROP DATABASE IF EXISTS {POSTGRES_DATABASE} WITH (FORCE)")
+
+
+def pytest_report_header(config):
+    return f"chat database: {BACKEND} ({DATABASE_URL})"
+
+
+# ---------------------------------------------------------------- in-process app
+
+
+@pytest.fixture
+def client():
+    from starlette.testclient import TestClient
+
+    import chat
+
+    with TestClient(chat.app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def unique_name(prefix="u"):
+    return f"{prefix}{secrets.token_hex(4)}"
+
+
+PASSWORD = "correct-horse-1"
+
+
+def register_and_login(http, username=None, password=PASSWORD):
+    """Register a fresh user through `http` (a TestClient or httpx.Client); returns (name, tokens)."""
+    username = username or unique_name()
+    response = http.post("/auth/register", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    response = http.post("/auth/login", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    return username, response.json()
+
+
+@pytest.fixture
+def user(client):
+    return register_and_login(client)
+
+
+# ---------------------------------------------------------------- real servers
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(base_url, process, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server at {base_url} did not become healthy")
+
+
+@contextlib.contextmanager
+def running_server(env=None, args=(), port=None):
+    """A real uvicorn serving chat:app on a free port; yields (base_url, process)."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", "127.0.0.1", "--port", str(port),
+               "--ws-max-size", "65536", "--log-level", "warning", *args]
+    log_file = open(TMP / f"server-{port}-{secrets.token_hex(3)}.log", "w+")
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+                               stdout=log_file, stderr=subprocess.PIPE, text=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base_url, process)
+        yield base_url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log_file.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """Base URL of a real server shared by one test module."""
+    with running_server() as (base_url, _process):
+        yield base_url
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server, timeout=10) as http_client:
+        yield http_client
+
+
+def ws_url(base_url, token, **query):
+    query_string = "&".join(f"{key}={value}" for key, value in {"token": token, **query}.items())
+    return base_url.replace("http://", "ws://") + "/ws?" + query_string
