@@ -1,0 +1,314 @@
+"""The websocket as a real client sees it: a real uvicorn server and the `websockets` client."""
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+import chat
+from conftest import register_and_login, running_server, ws_url
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+async def close_code(ws, seconds=10):
+    """Read until the server closes the connection; returns its close code."""
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), seconds)
+    except ConnectionClosed:
+        return ws.close_code
+
+
+async def receive(ws, count, seconds=10):
+    return [await asyncio.wait_for(ws.recv(), seconds) for _ in range(count)]
+
+
+def history(http, tokens, **query):
+    response = http.get("/auth/messages", params=query, headers={"Authorization": f"Bearer {tokens['access_token']}"})
+    assert response.status_code == 200
+    return response.json()
+
+
+@pytest.fixture
+def alice(http):
+    return register_and_login(http)
+
+
+@pytest.fixture
+def bob(http):
+    return register_and_login(http)
+
+
+def test_a_valid_token_is_accepted_and_a_message_reaches_everyone(server, http, alice, bob):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"])) as a, connect(ws_url(server, bob[1]["access_token"])) as b:
+            await a.send("Hello everyone!")
+            assert await receive(a, 1) == [f"{alice[0]}: Hello everyone!"]
+            assert await receive(b, 1) == [f"{alice[0]}: Hello everyone!"]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("query", [{}, {"token": "garbage"}, {"token": "a.b.c"}])
+def test_a_missing_or_invalid_token_is_accepted_then_closed_with_1008(server, query):
+    async def scenario():
+        url = server.replace("http://", "ws://") + "/ws?" + "&".join(f"{k}={v}" for k, v in query.items())
+        async with connect(url) as ws:  # the handshake succeeds: no HTTP 403
+            assert await close_code(ws) == 1008
+
+    run(scenario())
+
+
+def test_a_refresh_token_is_not_a_websocket_token(server, alice):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["refresh_token"])) as ws:
+            assert await close_code(ws) == 1008
+
+    run(scenario())
+
+
+def test_a_received_message_is_already_in_the_history(server, http, alice):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"], format="json")) as ws:
+            for n in range(5):
+                await ws.send(f"stored first {n}")
+                message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                ids = [m["id"] for m in await asyncio.to_thread(history, http, alice[1], after=message["id"] - 1)]
+                assert message["id"] in ids
+
+    run(scenario())
+
+
+def test_json_format_frames(server, http, alice):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"], format="json")) as ws:
+            await ws.send("in json")
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert set(frame) == {"id", "username", "text"}
+            assert (frame["username"], frame["text"]) == (alice[0], "in json")
+            assert history(http, alice[1], after=frame["id"] - 1)[0] == frame
+
+    run(scenario())
+
+
+def test_text_is_kept_as_sent_and_1000_characters_is_allowed(server, alice):
+    texts = ["  spaced  ", "x" * 1000, "tab\tand\nnewline", "Ünïcödé 🎉"]
+
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"])) as ws:
+            for text in texts:
+                await ws.send(text)
+            assert await receive(ws, len(texts)) == [f"{alice[0]}: {text}" for text in texts]
+
+    run(scenario())
+
+
+def test_empty_blank_and_nul_frames_are_ignored(server, http, alice):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"], format="json")) as ws:
+            for text in ["", "   ", "\n\t", "nul\x00inside"]:
+                await ws.send(text)
+            await ws.send("after the ignored ones")
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert frame["text"] == "after the ignored ones"
+            mine = [m["text"] for m in history(http, alice[1], limit=20) if m["username"] == alice[0]]
+            assert mine == ["after the ignored ones"]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("frame, code", [("y" * 1001, 1009), (b"\x00\x01binary", 1003)])
+def test_oversized_and_binary_frames_are_closed(server, http, alice, frame, code):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"])) as ws:
+            await ws.send(frame)
+            assert await close_code(ws) == code
+
+    run(scenario())
+    assert all(m["username"] != alice[0] for m in history(http, alice[1]))
+
+
+def test_a_frame_over_the_server_cap_is_refused_by_uvicorn(server, alice):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"]), max_size=None) as ws:
+            await ws.send("z" * (chat.WS_MAX_FRAME_BYTES + 1))
+            assert await close_code(ws) == 1009
+
+    run(scenario())
+
+
+def test_after_replays_history_then_continues_live_without_gap_or_duplicate(server, http, alice, bob):
+    """Messages keep arriving while the replay runs; the client must see each id once, in order."""
+
+    async def scenario():
+        # max_queue=None: the sender never reads its echoes, which must not stall its close
+        async with connect(ws_url(server, alice[1]["access_token"], format="json"), max_queue=None) as sender:
+            await sender.send("marker")
+            start = json.loads(await asyncio.wait_for(sender.recv(), 10))["id"]
+
+            async def send_many():
+                for n in range(150):
+                    await sender.send(f"burst {n}")
+
+            burst = asyncio.create_task(send_many())
+            await asyncio.sleep(0.05)  # connect while the burst is under way
+            async with connect(ws_url(server, bob[1]["access_token"], format="json", after=start)) as late:
+                await burst
+                seen = []
+                while len(seen) < 150:
+                    seen.append(json.loads(await asyncio.wait_for(late.recv(), 10)))
+                texts = [m["text"] for m in seen if m["username"] == alice[0]]
+                assert texts == [f"burst {n}" for n in range(150)]
+                ids = [m["id"] for m in seen]
+                assert ids == sorted(set(ids))
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(late.recv(), 0.5)  # and no duplicate after them
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("query", [{"format": "xml"}, {"after": "abc"}, {"after": "-1"}])
+def test_bad_websocket_query_values_are_closed_with_1008(server, alice, query):
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"], **query)) as ws:
+            assert await close_code(ws) == 1008
+
+    run(scenario())
+
+
+def stalled_client(base_url, token):
+    """A websocket that completes its handshake with a 4 KiB receive buffer, then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = base_url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws?token={token} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert b" 101 " in response
+    return sock
+
+
+def read_close_code(sock, seconds=30):
+    """Drain a raw websocket; returns the code of the close frame the server sent at the end."""
+    sock.settimeout(seconds)
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    # Walk the unmasked server frames to the last one: opcode 8 is close.
+    position, code = 0, None
+    while position + 2 <= len(data):
+        opcode, length = data[position] & 0x0F, data[position + 1] & 0x7F
+        position += 2
+        if length == 126:
+            length, position = int.from_bytes(data[position:position + 2], "big"), position + 2
+        elif length == 127:
+            length, position = int.from_bytes(data[position:position + 8], "big"), position + 8
+        if opcode == 8:
+            code = int.from_bytes(data[position:position + 2], "big")
+        position += length
+    return code
+
+
+@pytest.fixture
+def unpinged_server():
+    """A server whose keepalive pings will not end a stalled client before the outbox does."""
+    with running_server(args=["--ws-ping-interval", "300"]) as (base_url, _):
+        yield base_url
+
+
+def test_a_stalled_client_is_closed_with_1013_while_others_receive_everything(unpinged_server):
+    # Several MB must back up before the kernel's socket buffers are full and the outbox fills.
+    server, count, text = unpinged_server, 6000, "s" * 900
+    with httpx.Client(base_url=server) as http:
+        alice, bob = register_and_login(http), register_and_login(http)
+    sock = stalled_client(server, bob[1]["access_token"])
+
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"])) as ws:
+            async def send_all():
+                for n in range(count):
+                    await ws.send(f"{n} {text}")
+
+            sender = asyncio.create_task(send_all())
+            received = await receive(ws, count, seconds=30)
+            await sender
+            assert received == [f"{alice[0]}: {n} {text}" for n in range(count)]
+
+    run(scenario())
+    assert read_close_code(sock) == chat.CLOSE_TOO_SLOW
+    sock.close()
+
+
+def test_dead_peers_are_found_by_pings(alice):
+    with running_server(args=["--ws-ping-interval", "0.5", "--ws-ping-timeout", "0.5"]) as (base_url, _):
+        with httpx.Client(base_url=base_url) as http:
+            _, tokens = register_and_login(http)
+        sock = stalled_client(base_url, tokens["access_token"])  # never answers a ping
+        time.sleep(2.5)
+        assert read_close_code(sock, seconds=10) == 1011  # uvicorn's keepalive timeout
+        sock.close()
+
+
+def test_shutdown_closes_every_websocket_with_1001_and_keeps_what_was_stored():
+    with running_server() as (base_url, process):
+        with httpx.Client(base_url=base_url) as http:
+            _, tokens = register_and_login(http)
+
+        async def scenario():
+            async with connect(ws_url(base_url, tokens["access_token"])) as a, connect(ws_url(base_url, tokens["access_token"])) as b:
+                await a.send("before shutdown")
+                await receive(a, 1)
+                await receive(b, 1)
+                process.send_signal(signal.SIGTERM)
+                assert await close_code(a) == 1001
+                assert await close_code(b) == 1001
+
+        run(scenario())
+        process.wait(timeout=15)
+    with running_server() as (base_url, _):
+        with httpx.Client(base_url=base_url) as http:
+            assert history(http, tokens, limit=5)[-1]["text"] == "before shutdown"
+
+
+def test_logins_in_flight_do_not_hold_up_the_chat():
+    """Eight logins at cost 12 queue in the bcrypt threads; a websocket round trip started
+    after them still completes while they are in flight."""
+    with running_server(env={"BCRYPT_ROUNDS": "12"}) as (base_url, _):
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            name, tokens = register_and_login(http)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+                body = {"username": name, "password": "correct-horse-1"}
+                logins = [asyncio.create_task(client.post("/auth/login", json=body)) for _ in range(8)]
+                await asyncio.sleep(0.1)
+                async with connect(ws_url(base_url, tokens["access_token"])) as ws:
+                    await ws.send("still quick")
+                    assert await receive(ws, 1) == [f"{name}: still quick"]
+                still_running = sum(not login.done() for login in logins)
+                responses = await asyncio.gather(*logins)
+                assert all(response.status_code == 200 for response in responses)
+                assert still_running > 0
+
+        run(scenario())
+
+
+def test_bcrypt_concurrency_is_bounded_below_the_core_count():
+    assert chat.bcrypt_threads._max_workers <= max(1, (os.cpu_count() or 2) // 2)
