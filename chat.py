@@ -606,23 +606,23 @@ async def read_frames(websocket, username):
 
 
 async def chat_socket(websocket):
-    # Accept before judging the token: a close before accept reaches the client as HTTP 403.
-    await websocket.accept()
     claims = decode_token(websocket.query_params.get("token"), "access")
-    user = claims and await find_user(claims["sub"])
-    if not user:
-        await websocket.close(1008, "Invalid or expired token")
-        return
     as_json = websocket.query_params.get("format") == "json"
     after = query_id(websocket, "after")
-    if websocket.query_params.get("format", "json") != "json" or after == -1:
-        await websocket.close(1008, "format must be json and after a message id")
-        return
-
     outbox = asyncio.Queue()
-    clients[websocket] = outbox  # before the replay, so nothing sent meanwhile is missed
+    if claims:
+        clients[websocket] = outbox  # before the handshake: a connected client misses nothing
     writer = None
     try:
+        # Accept before judging the token: a close before accept reaches the client as HTTP 403.
+        await websocket.accept()
+        user = claims and await find_user(claims["sub"])
+        if not user:
+            await websocket.close(1008, "Invalid or expired token")
+            return
+        if websocket.query_params.get("format", "json") != "json" or after == -1:
+            await websocket.close(1008, "format must be json and after a message id")
+            return
         replayed_through = await replay(websocket, after, as_json) if after is not None else 0
         writer = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
         code = await read_frames(websocket, user["username"])

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import httpx
@@ -83,19 +82,40 @@ def test_mounted_without_any_lifespan_sets_itself_up_on_first_request():
             http.portal.call(chat.stop_service)
 
 
+# Run in a process of its own (the environment, hence DATABASE_URL, is this run's), so that
+# whatever it leaves behind in chat's module state cannot harm the other in-process tests.
+WITHOUT_WITH = """
+import secrets
+import chat
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+
+http = TestClient(Starlette(routes=[Mount("/chat", app=chat.app)]), raise_server_exceptions=False)
+credentials = {"username": "w" + secrets.token_hex(4), "password": "correct-horse-1"}
+for step in range(3):  # every request runs on a new event loop
+    if step == 0:
+        response = http.post("/chat/auth/register", json=credentials)
+    elif step == 1:
+        response = http.post("/chat/auth/login", json=credentials)
+        token = response.json().get("access_token")
+    else:
+        response = http.get("/chat/auth/messages", headers={"Authorization": "Bearer " + token})
+    assert response.status_code == 200, (step, response.status_code, response.text)
+    assert http.get("/chat/health").status_code == 200, step
+assert http.get("/chat/").headers["content-type"].startswith("text/html")
+print("all requests answered")
+"""
+
+
 def test_mounted_without_lifespan_in_a_test_client_used_without_with():
     """Without `with`, TestClient runs every request on a new event loop and never a lifespan:
     the way many people test an app they embed. Every request must still work."""
-    http = TestClient(parent_app(with_chat_lifespan=False), raise_server_exceptions=False)
-    try:
-        username, tokens = check_http_through_the_mount(http)
-        for _ in range(2):  # each on yet another event loop
-            response = http.get("/chat/auth/messages", headers={"Authorization": f"Bearer {tokens['access_token']}"})
-            assert response.status_code == 200, response.text
-            assert http.get("/chat/health").status_code == 200
-    finally:
-        with TestClient(chat.app) as cleanup:  # connects on its loop and disconnects at exit
-            cleanup.portal.call(chat.stop_service)
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_WITH],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0 and "all requests answered" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- a real server: the websocket
@@ -159,9 +179,11 @@ def test_a_real_server_with_chat_mounted_serves_the_websocket(tmp_path, with_cha
             token = tokens["access_token"]
             mounted = base_url + "/chat"
             text = "hello from under /chat " + unique_name("t")
+            headers = {"Authorization": f"Bearer {token}"}
+            before = max([m["id"] for m in http.get("/chat/auth/messages", headers=headers).json()], default=0)
 
             async def scenario():
-                async with connect(ws_url(mounted, token, format="json")) as a, connect(ws_url(mounted, token)) as b:
+                async with connect(ws_url(mounted, token, format="json")) as a, connect(ws_url(mounted, token, after=before)) as b:
                     await a.send(text)
                     frame = json.loads(await asyncio.wait_for(a.recv(), 10))
                     assert frame["username"] == username and frame["text"] == text
@@ -176,7 +198,7 @@ def test_a_real_server_with_chat_mounted_serves_the_websocket(tmp_path, with_cha
                     return frame
 
             frame = run(scenario())
-            history = http.get("/chat/auth/messages", headers={"Authorization": f"Bearer {token}"}).json()
+            history = http.get("/chat/auth/messages", headers=headers).json()
             assert frame in history
 
         if with_chat_lifespan:

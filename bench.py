@@ -1,0 +1,1317 @@
+"""Benchmark of the chat service against a bare `websockets` broadcast server (the ceiling).
+
+    .venv/bin/python bench.py            # full run, under five minutes
+    .venv/bin/python bench.py --quick    # shortened run, about a minute
+    .venv/bin/python bench.py --only fanout,idle
+
+Every figure comes from real servers over real sockets on 127.0.0.1: `uvicorn chat:app` on a
+throw-away SQLite database (PostgreSQL + Redis for scale-out), and `python bench.py
+--bare-server PORT`, a plain `websockets` server that broadcasts "anon: <text>" to everyone
+(no ASGI, no auth, no database). The load generator is this one process: asyncio (uvloop when
+installed, like uvicorn), a hand-rolled websocket client protocol that only walks frame
+headers, and a sequence number + send timestamp inside each message text, so nothing is
+JSON-parsed per delivery. Client and servers share the machine's cores, so the table shows
+the CPU each side used and flags runs where the client was the bottleneck.
+
+Every server, database and temp directory this script creates is removed on exit, errors
+included (servers are stopped by PID and also get SIGTERM if this process dies).
+"""
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+PASSWORD = "bench-password-1"
+BARE_WRITE_LIMIT = 256 * 1024  # the bare server drops a client with this much unsent (≈ chat's 256 frames of 900 chars)
+POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+CLOCK = time.perf_counter_ns  # one process stamps both the send and the receive times
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None
+
+
+def new_event_loop():
+    return uvloop.new_event_loop() if uvloop else asyncio.new_event_loop()
+
+
+# ---------------------------------------------------------------- the bare ceiling server
+
+
+def run_bare_server(port):
+    """A plain websockets broadcast server: every text frame goes to every client as "anon: <text>"."""
+    from websockets.asyncio.server import broadcast, serve
+
+    clients = set()
+
+    async def handler(connection):
+        clients.add(connection)
+        try:
+            async for text in connection:
+                if not isinstance(text, str) or not text.strip():
+                    continue
+                for other in [c for c in clients if c.transport.get_write_buffer_size() > BARE_WRITE_LIMIT]:
+                    clients.discard(other)  # too far behind: drop it, like chat's bounded outbox
+                    other.transport.abort()
+                broadcast(clients, "anon: " + text)
+        except Exception:
+            pass
+        finally:
+            clients.discard(connection)
+
+    async def main():
+        stop = asyncio.get_running_loop().create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        async with serve(handler, HOST, port, max_size=65536, compression=None, backlog=4096):
+            await stop
+
+    loop = new_event_loop()
+    loop.run_until_complete(main())
+
+
+# ---------------------------------------------------------------- processes, cleanup
+
+LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent():
+    """preexec_fn: the child gets SIGTERM if the bench dies without cleaning up (e.g. SIGKILL)."""
+    if LIBC is not None:
+        LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Processes:
+    """Every process the bench starts, so each can be stopped by its PID, whatever happens."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.items = []
+
+    def start(self, name, command, env=None, cwd=HERE):
+        log_path = self.tmp / f"{name}-{secrets.token_hex(3)}.log"
+        log = open(log_path, "w")
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent, start_new_session=True,
+        )
+        log.close()
+        process.bench_name = name
+        process.log_path = log_path
+        self.items.append(process)
+        return process
+
+    def stop(self, process, timeout=10):
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        if process in self.items:
+            self.items.remove(process)
+
+    def stop_all(self):
+        for process in list(self.items):
+            with contextlib.suppress(Exception):
+                self.stop(process, timeout=5)
+
+    @staticmethod
+    def log_tail(process, lines=15):
+        with contextlib.suppress(OSError):
+            return "\n".join(process.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+class CpuMeter:
+    """CPU used by the servers (by PID) and by this client process over a window, in % of one core."""
+
+    def __init__(self, pids):
+        self.pids = list(pids)
+
+    def __enter__(self):
+        self.wall = time.perf_counter()
+        self.client = time.process_time()
+        self.servers = [cpu_seconds(pid) for pid in self.pids]
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(time.perf_counter() - self.wall, 1e-6)
+        self.client_pct = 100 * (time.process_time() - self.client) / wall
+        self.server_pct = [100 * (cpu_seconds(pid) - before) / wall for pid, before in zip(self.pids, self.servers)]
+
+    def note(self):
+        servers = "+".join(f"{p:.0f}" for p in self.server_pct)
+        text = f"cpu srv {servers}% cli {self.client_pct:.0f}%"
+        if self.client_pct >= 90:
+            text += " CLIENT-BOUND"
+        return text
+
+
+# ---------------------------------------------------------------- a lean websocket client
+
+
+def client_frame(opcode_byte, payload):
+    """A masked client frame. The mask key is zero, so masking costs the client nothing (the
+    server still unmasks every byte, as it must); servers accept any key."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((opcode_byte, 0x80 | n))
+    elif n < 65536:
+        header = bytes((opcode_byte, 0xFE)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((opcode_byte, 0xFF)) + n.to_bytes(8, "big")
+    return header + b"\0\0\0\0" + payload
+
+
+def handshake_request(port, path):
+    key = base64.b64encode(secrets.token_bytes(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+class WS(asyncio.Protocol):
+    """A websocket client that walks server frames without decoding them: each text frame's
+    payload (bytes) goes to `handler(ws, payload, now_ns)`, or is only counted."""
+
+    def __init__(self, request=None, handler=None):
+        loop = asyncio.get_running_loop()
+        self.request = request
+        self.handler = handler
+        self.buf = bytearray()
+        self.open = request is None  # no request: the handshake was done elsewhere
+        self.handshake = loop.create_future()
+        self.closed = loop.create_future()
+        self.transport = None
+        self.close_code = None
+        self.frames = 0
+        # per-connection bookkeeping for the scenarios
+        self.last = -1
+        self.got = 0
+        self.ooo = 0
+        self.dups = 0
+        self.waiter = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        if self.request is not None:
+            transport.write(self.request)
+        elif not self.handshake.done():
+            self.handshake.set_result(None)
+
+    def connection_lost(self, exc):
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError(f"connection lost during handshake: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(self.close_code if self.close_code is not None else 1006)
+
+    def data_received(self, data):
+        now = CLOCK()
+        buf = self.buf
+        buf += data
+        if not self.open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[:12])
+            del buf[: end + 4]
+            if status != b"HTTP/1.1 101":
+                self.handshake.set_exception(ConnectionError(f"handshake refused: {status!r}"))
+                self.transport.close()
+                return
+            self.open = True
+            self.handshake.set_result(None)
+        n = len(buf)
+        pos = 0
+        handler = self.handler
+        while n - pos >= 2:
+            length = buf[pos + 1] & 0x7F
+            if length < 126:
+                start = pos + 2
+            elif length == 126:
+                if n - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 4
+            else:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            end = start + length
+            if end > n:
+                break
+            opcode = buf[pos] & 0x0F
+            if opcode == 1:
+                self.frames += 1
+                if handler is not None:
+                    handler(self, buf[start:end], now)
+            elif opcode == 8:
+                self.close_code = int.from_bytes(buf[start : start + 2], "big") if length >= 2 else 1005
+                with contextlib.suppress(Exception):
+                    self.transport.write(client_frame(0x88, bytes(buf[start : start + 2])))
+                    self.transport.close()
+                if not self.closed.done():
+                    self.closed.set_result(self.close_code)
+            elif opcode == 9:
+                self.transport.write(client_frame(0x8A, bytes(buf[start:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+
+    def send_text(self, text):
+        self.transport.write(client_frame(0x81, text.encode()))
+
+    def close(self):
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(client_frame(0x88, (1000).to_bytes(2, "big")))
+                self.transport.close()
+
+
+async def ws_connect(port, path, handler=None, rcvbuf=None, timeout=15):
+    loop = asyncio.get_running_loop()
+    ws = WS(handshake_request(port, path), handler)
+    if rcvbuf:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), timeout)
+        await loop.create_connection(lambda: ws, sock=sock)
+    else:
+        await asyncio.wait_for(loop.create_connection(lambda: ws, HOST, port), timeout)
+    try:
+        await asyncio.wait_for(ws.handshake, timeout)
+    except BaseException:
+        if ws.transport:
+            ws.transport.abort()
+        raise
+    return ws
+
+
+async def ws_connect_many(port, path, count, handler=None, concurrency=64, timeout=60):
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one():
+        async with semaphore:
+            return await ws_connect(port, path, handler)
+
+    tasks = [asyncio.ensure_future(one()) for _ in range(count)]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().close()
+        raise
+
+
+def close_all(connections):
+    for ws in connections:
+        ws.close()
+
+
+class StalledClient:
+    """A raw socket with a tiny receive buffer that does the handshake by hand and then never
+    reads, so nothing (kernel, library) drains what the server sends it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.dropped_at = None  # perf_counter() when its TCP connection left ESTABLISHED
+
+    @classmethod
+    async def connect(cls, port, path, rcvbuf=4096, timeout=15):
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), timeout)
+            await loop.sock_sendall(sock, handshake_request(port, path))
+            head = bytearray()
+            deadline = time.monotonic() + timeout
+            while not head.endswith(b"\r\n\r\n"):  # byte by byte: never read past the handshake
+                if time.monotonic() > deadline or len(head) > 4096:
+                    raise ConnectionError("no handshake response")
+                byte = await asyncio.wait_for(loop.sock_recv(sock, 1), timeout)
+                if not byte:
+                    raise ConnectionError("closed during handshake")
+                head += byte
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise ConnectionError(f"handshake refused: {bytes(head[:40])!r}")
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def tcp_state(self):
+        with contextlib.suppress(OSError):
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+        return 7
+
+    def poll(self):
+        if self.dropped_at is None and self.tcp_state() != 1:  # 1 = TCP_ESTABLISHED
+            self.dropped_at = time.perf_counter()
+
+    async def resume(self, timeout):
+        """Start reading at last: what arrives before the close says when the server gave up on it."""
+        loop = asyncio.get_running_loop()
+        seqs = []
+
+        def handler(ws, payload, now):
+            seqs.append(int(payload.split(b" ", 2)[1]))
+
+        ws = WS(None, handler)
+        try:
+            await loop.create_connection(lambda: ws, sock=self.sock)
+            code = await asyncio.wait_for(asyncio.shield(ws.closed), timeout)
+        except (asyncio.TimeoutError, OSError):
+            code = None
+        finally:
+            if ws.transport:
+                ws.transport.abort()
+            else:
+                self.sock.close()
+        return code, seqs
+
+
+# ---------------------------------------------------------------- statistics and the table
+
+
+def percentile(values, p):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def ms(ns):
+    return ns / 1e6
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, scenario, metric, chat, bare="n/a", ratio=None, target="", result="", note=""):
+        self.rows.append([scenario, metric, chat, bare, ratio, target, result, note])
+
+    def render(self):
+        header = ["scenario", "metric", "chat", "bare", "chat/bare", "target", "result", "notes"]
+        body = []
+        for scenario, metric, chat, bare, ratio, target, result, note in self.rows:
+            body.append([scenario, metric, fmt(chat), fmt(bare), ratio_text(ratio, chat, bare), target, result, note])
+        widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header) - 1)]
+        lines = []
+
+        def line(row):
+            cells = [str(row[i]).ljust(widths[i]) if i < 2 else str(row[i]).rjust(widths[i]) for i in range(len(widths))]
+            cells[5] = str(row[5]).ljust(widths[5])
+            cells[6] = str(row[6]).ljust(widths[6])
+            return "  ".join(cells + [str(row[-1])]).rstrip()
+
+        lines.append(line(header))
+        lines.append("-" * min(200, len(lines[0]) + 20))
+        previous = None
+        for row in body:
+            if row[0] == previous:
+                row = [""] + row[1:]
+            else:
+                previous = row[0]
+            lines.append(line(row))
+        return "\n".join(lines)
+
+
+def fmt(value):
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def ratio_text(ratio, chat, bare):
+    if ratio == "n/a" or bare == "n/a":
+        return "n/a"
+    if ratio is None:
+        if isinstance(chat, (int, float)) and isinstance(bare, (int, float)) and bare:
+            ratio = chat / bare
+        else:
+            return "n/a"
+    return "-" if isinstance(ratio, float) and math.isnan(ratio) else f"{ratio:.2f}x"
+
+
+def verdict(ok):
+    return "PASS" if ok else "MISS"
+
+
+# ---------------------------------------------------------------- servers
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.tmp = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+        self.procs = Processes(self.tmp)
+        self.table = Table()
+        self.secret = "bench-" + secrets.token_urlsafe(32)
+        self.postgres_databases = []
+        self.started = time.monotonic()
+        self.deadline = self.started + (110 if args.quick else 285)
+        self.notes = []
+        self.run_tag = secrets.token_hex(3)
+
+    # -- servers
+
+    def chat_env(self, rounds=4, database_url=None, broadcast_url=None):
+        env = {k: v for k, v in os.environ.items() if k not in ("BROADCAST_URL", "DATABASE_URL")}
+        if database_url is None:
+            database_url = f"sqlite+aiosqlite:///{self.tmp / ('chat-' + secrets.token_hex(4) + '.db')}"
+        env.update(SECRET_KEY=self.secret, BCRYPT_ROUNDS=str(rounds), DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
+        if broadcast_url:
+            env["BROADCAST_URL"] = broadcast_url
+        return env
+
+    async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, name="chat"):
+        port = free_port()
+        env = self.chat_env(rounds, database_url, broadcast_url)
+        command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", HOST, "--port", str(port),
+                   "--ws-max-size", "65536", "--log-level", "warning"]
+        process = self.procs.start(name, command, env)
+        process.port = port
+        process.database_url = env["DATABASE_URL"]
+        await self.wait_http(process, port, "/health")
+        return process
+
+    async def start_bare(self):
+        port = free_port()
+        process = self.procs.start("bare", [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(port)])
+        process.port = port
+        await self.wait_tcp(process, port)
+        return process
+
+    async def wait_http(self, process, port, path, seconds=30):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.bench_name} exited with {process.returncode}:\n{self.procs.log_tail(process)}")
+            with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError, IndexError):
+                status, _ = await http_request(port, "GET", path, timeout=2)
+                if status == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{process.bench_name} on port {port} did not become healthy")
+
+    async def wait_tcp(self, process, port, seconds=20):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.bench_name} exited with {process.returncode}:\n{self.procs.log_tail(process)}")
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                _, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 2)
+                writer.close()
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{process.bench_name} on port {port} did not start")
+
+    async def user_token(self, port, username=None):
+        username = username or "bench" + secrets.token_hex(3)
+        body = {"username": username, "password": PASSWORD}
+        status, data = await http_request(port, "POST", "/auth/register", body, timeout=30)
+        if status != 200:
+            raise RuntimeError(f"register failed: {status} {data[:200]!r}")
+        status, data = await http_request(port, "POST", "/auth/login", body, timeout=30)
+        if status != 200:
+            raise RuntimeError(f"login failed: {status} {data[:200]!r}")
+        return username, json.loads(data)["access_token"]
+
+    def remaining(self):
+        return self.deadline - time.monotonic()
+
+
+async def http_request(port, method, path, body=None, headers=(), timeout=10):
+    """One HTTP/1.1 request on a fresh connection; returns (status, body bytes)."""
+
+    async def go():
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            payload = json.dumps(body).encode() if body is not None else b""
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n{extra}\r\n".encode() + payload
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = None
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            data = await reader.readexactly(length) if length is not None else await reader.read()
+            return status, data
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+# ---------------------------------------------------------------- scenario 1: fan-out
+
+
+def latency_handler(latencies):
+    append = latencies.append
+
+    def handler(ws, payload, now):
+        parts = payload.split(b" ", 3)  # b"user:", seq, send time, [padding]
+        seq = int(parts[1])
+        append(now - int(parts[2]))
+        ws.got += 1
+        if seq > ws.last:
+            ws.last = seq
+        elif seq == ws.last:
+            ws.dups += 1
+        else:
+            ws.ooo += 1
+
+    return handler
+
+
+async def wait_for_deliveries(connections, expected_each, seconds):
+    """Until every connection got `expected_each` frames, or `seconds` pass without progress."""
+    total_expected = expected_each * len(connections)
+    last_total, last_change = -1, time.monotonic()
+    while True:
+        total = sum(ws.got for ws in connections)
+        if total >= total_expected:
+            return
+        if total != last_total:
+            last_total, last_change = total, time.monotonic()
+        elif time.monotonic() - last_change > seconds:
+            return
+        await asyncio.sleep(0.05)
+
+
+def loss_counts(connections, expected_each):
+    lost = sum(max(0, expected_each - (ws.got - ws.dups)) for ws in connections)
+    ooo = sum(ws.ooo for ws in connections)
+    dups = sum(ws.dups for ws in connections)
+    return lost, ooo, dups
+
+
+async def fanout_run(server, path, clients, rate, duration):
+    latencies = []
+    handler = latency_handler(latencies)
+    t = time.perf_counter()
+    connections = await ws_connect_many(server.port, path, clients, handler)
+    connect_s = time.perf_counter() - t
+    try:
+        await asyncio.sleep(0.5)
+        sender = connections[0]
+        count = int(rate * duration)
+        with CpuMeter([server.pid]) as cpu:
+            start = time.perf_counter()
+            for i in range(count):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sender.send_text(f"{i} {CLOCK()}")
+            await wait_for_deliveries(connections, count, 5)
+            elapsed = time.perf_counter() - start
+        lost, ooo, dups = loss_counts(connections, count)
+        closed = sum(1 for ws in connections if ws.closed.done())
+        return {
+            "p50": ms(percentile(latencies, 50)), "p99": ms(percentile(latencies, 99)), "max": ms(max(latencies, default=0)),
+            "rate": len(latencies) / elapsed, "lost": lost, "ooo": ooo, "dups": dups, "closed": closed,
+            "connect": connect_s, "cpu": cpu,
+        }
+    finally:
+        close_all(connections)
+
+
+async def scenario_fanout(bench):
+    q = bench.quick
+    clients, rate, duration = (200, 20, 4) if q else (500, 20, 10)
+    chat = await bench.start_chat()
+    _, token = await bench.user_token(chat.port)
+    c = await fanout_run(chat, f"/ws?token={token}", clients, rate, duration)
+    bench.procs.stop(chat)
+    bare = await bench.start_bare()
+    b = await fanout_run(bare, "/ws", clients, rate, duration)
+    bench.procs.stop(bare)
+    name = f"1 fan-out {clients} clients, 1 sender {rate}/s {duration}s"
+    t = bench.table
+    t.add(name, "latency p50 (ms)", c["p50"], b["p50"], note=f"chat {c['cpu'].note()}")
+    t.add(name, "latency p99 (ms)", c["p99"], b["p99"], target="<= 3x bare p99",
+          result=verdict(c["p99"] <= 3 * b["p99"]), note=f"bare {b['cpu'].note()}")
+    t.add(name, "latency max (ms)", c["max"], b["max"])
+    t.add(name, "deliveries/s", c["rate"], b["rate"], note=f"offered {clients * rate:,}/s")
+    t.add(name, "lost / out-of-order", f"{c['lost']} / {c['ooo']}", f"{b['lost']} / {b['ooo']}", ratio="n/a",
+          target="0 / 0", result=verdict(c["lost"] == 0 and c["ooo"] == 0),
+          note=f"dups {c['dups']}, closed early {c['closed']}")
+    t.add(name, f"connect {clients} clients (s)", c["connect"], b["connect"])
+
+
+# ---------------------------------------------------------------- scenario 2: slow clients
+
+
+async def slow_run(server, path, readers, stalled, total, rate, size):
+    latencies = []
+    handler = latency_handler(latencies)
+    reader_connections = await ws_connect_many(server.port, path, readers, handler)
+    sender = await ws_connect(server.port, path)  # reads, and only counts
+    stalled_clients = [await StalledClient.connect(server.port, path) for _ in range(stalled)]
+    result = {}
+    try:
+        await asyncio.sleep(0.5)
+        padding = "x" * size
+        with CpuMeter([server.pid]) as cpu:
+            start = time.perf_counter()
+            next_poll = 0.0
+            for i in range(total):
+                now = time.perf_counter()
+                if now >= next_poll:
+                    for s in stalled_clients:
+                        s.poll()
+                    next_poll = now + 0.02
+                delay = start + i / rate - now
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                prefix = f"{i} {CLOCK()} "
+                sender.send_text(prefix + padding[: size - len(prefix)])
+            send_s = time.perf_counter() - start
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and sum(ws.got for ws in reader_connections) < total * readers:
+                for s in stalled_clients:
+                    s.poll()
+                await asyncio.sleep(0.02)
+        for s in stalled_clients:
+            s.poll()
+        lost, ooo, _ = loss_counts(reader_connections, total)
+        result.update(
+            p50=ms(percentile(latencies, 50)), p99=ms(percentile(latencies, 99)), max=ms(max(latencies, default=0)),
+            lost=lost, ooo=ooo, cpu=cpu, send_s=send_s, closed=sum(1 for ws in reader_connections if ws.closed.done()),
+            sender_closed=sender.close_code,
+        )
+        # The stalled clients now read: the last message before the close frame is where the server gave up.
+        drops = []
+        for s in stalled_clients:
+            tcp_dropped = None if s.dropped_at is None else s.dropped_at - start
+            code, seqs = await s.resume(timeout=5)
+            last = max(seqs) if seqs else -1
+            drops.append({"tcp": tcp_dropped, "code": code, "last": last, "removed": (last + 1) / rate})
+        result["drops"] = drops
+        return result
+    finally:
+        close_all(reader_connections + [sender])
+        for s in stalled_clients:
+            with contextlib.suppress(OSError):
+                s.sock.close()
+
+
+def describe_drops(drops, total, rate):
+    if not drops:
+        return "-", ""
+    tcp = [d["tcp"] for d in drops if d["tcp"] is not None]
+    codes = sorted({str(d["code"]) for d in drops})
+    lasts = [d["last"] for d in drops]
+    if len(tcp) == len(drops):
+        value = max(tcp)
+        note = f"TCP reset after {min(tcp):.2f}-{max(tcp):.2f}s"
+    else:
+        value = max(d["removed"] for d in drops)
+        note = (f"{len(drops) - len(tcp)} of {len(drops)} TCP connections still open after the run; "
+                f"after reading again: last msg #{min(lasts)}-#{max(lasts)} of {total}, then close {'/'.join(codes)}")
+    return value, note
+
+
+async def scenario_slow(bench):
+    q = bench.quick
+    readers, stalled, total, rate, size = (20, 5, 1600, 400, 900) if q else (20, 5, 6000, 400, 900)
+    chat = await bench.start_chat()
+    _, token = await bench.user_token(chat.port)
+    path = f"/ws?token={token}"
+    with_stalled = await slow_run(chat, path, readers, stalled, total, rate, size)
+    bench.procs.stop(chat)
+    chat = await bench.start_chat()
+    _, token = await bench.user_token(chat.port)
+    without = await slow_run(chat, f"/ws?token={token}", readers, 0, total, rate, size)
+    bench.procs.stop(chat)
+    bare = await bench.start_bare()
+    bare_with = await slow_run(bare, "/ws", readers, stalled, total, rate, size)
+    bench.procs.stop(bare)
+    name = f"2 slow clients: {readers} readers + {stalled} stalled (4 KiB rcvbuf), {total} x {size} chars at {rate}/s"
+    t = bench.table
+    ratio = with_stalled["p99"] / without["p99"]
+    t.add(name, "readers p99, no stalled (ms)", without["p99"], note=f"p50 {without['p50']:.2f} ms; {without['cpu'].note()}")
+    t.add(name, "readers p99, 5 stalled (ms)", with_stalled["p99"], bare_with["p99"],
+          target="<= 2x no-stalled p99", result=verdict(ratio <= 2),
+          note=f"{ratio:.2f}x the no-stalled p99; p50 {with_stalled['p50']:.2f} ms; {with_stalled['cpu'].note()}")
+    t.add(name, "readers max, 5 stalled (ms)", with_stalled["max"], bare_with["max"])
+    t.add(name, "readers lost / out-of-order", f"{with_stalled['lost']} / {with_stalled['ooo']}",
+          f"{bare_with['lost']} / {bare_with['ooo']}", ratio="n/a",
+          note=f"no-stalled run: {without['lost']} / {without['ooo']}; readers closed early {with_stalled['closed']}")
+    value, note = describe_drops(with_stalled["drops"], total, rate)
+    bare_value, bare_note = describe_drops(bare_with["drops"], total, rate)
+    t.add(name, "stalled dropped after (s)", value, bare_value, ratio="n/a", note=f"chat: {note}")
+    t.add(name, "", "", "", ratio="n/a", note=f"bare: {bare_note} (write buffer > {BARE_WRITE_LIMIT // 1024} KiB)")
+
+
+# ---------------------------------------------------------------- scenario 3: login storm
+
+
+async def rtt_probe(ws, stop, samples):
+    """Send a message, wait for its own echo, repeat every 10 ms: (send time, round trip ns)."""
+    loop = asyncio.get_running_loop()
+    seq = 0
+
+    def handler(ws, payload, now):
+        parts = payload.split(b" ", 3)
+        if ws.waiter and int(parts[1]) == ws.waiter[0] and not ws.waiter[1].done():
+            ws.waiter[1].set_result(now - int(parts[2]))
+
+    ws.handler = handler
+    while not stop.is_set():
+        future = loop.create_future()
+        ws.waiter = (seq, future)
+        sent = time.perf_counter()
+        ws.send_text(f"{seq} {CLOCK()}")
+        try:
+            samples.append((sent, await asyncio.wait_for(future, 5)))
+        except asyncio.TimeoutError:
+            samples.append((sent, 5e9))
+        seq += 1
+        await asyncio.sleep(0.01)
+
+
+async def storm_run(server, path, before_s, logins, username, storm=True):
+    ws = await ws_connect(server.port, path)
+    samples = []
+    stop = asyncio.Event()
+    probe = asyncio.ensure_future(rtt_probe(ws, stop, samples))
+    try:
+        await asyncio.sleep(before_s)
+        storm_start = time.perf_counter()
+        durations = []
+        statuses = []
+        with CpuMeter([server.pid]) as cpu:
+            if storm:
+                async def login():
+                    t = time.perf_counter()
+                    status, _ = await http_request(server.port, "POST", "/auth/login",
+                                                   {"username": username, "password": PASSWORD}, timeout=60)
+                    durations.append(time.perf_counter() - t)
+                    statuses.append(status)
+
+                await asyncio.wait_for(asyncio.gather(*(login() for _ in range(logins))), 90)
+            else:
+                await asyncio.sleep(before_s)
+        storm_end = time.perf_counter()
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(probe, 6)
+        ws.close()
+    before = [rtt for sent, rtt in samples if sent < storm_start]
+    during = [rtt for sent, rtt in samples if storm_start <= sent < storm_end]
+    return {
+        "before": ms(percentile(before, 99)), "during": ms(percentile(during, 99)),
+        "before_n": len(before), "during_n": len(during), "during_max": ms(max(during, default=0)),
+        "storm_s": storm_end - storm_start, "login_p50": percentile(durations, 50),
+        "ok": sum(1 for s in statuses if s == 200), "cpu": cpu,
+    }
+
+
+async def scenario_storm(bench):
+    q = bench.quick
+    logins, before_s = (8, 1.5) if q else (20, 3.0)
+    chat = await bench.start_chat(rounds=12, name="chat-rounds12")
+    username, token = await bench.user_token(chat.port)
+    r = await storm_run(chat, f"/ws?token={token}", before_s, logins, username)
+    bench.procs.stop(chat)
+    bare = await bench.start_bare()
+    b = await storm_run(bare, "/ws", before_s, 0, None, storm=False)
+    bench.procs.stop(bare)
+    name = f"3 login storm: {logins} concurrent logins, BCRYPT_ROUNDS=12"
+    t = bench.table
+    ratio = r["during"] / r["before"]
+    t.add(name, "ws round trip p99 before (ms)", r["before"], b["before"], note=f"{r['before_n']} round trips; bare: no storm")
+    t.add(name, "ws round trip p99 during (ms)", r["during"], ratio="n/a", target="<= 5x before",
+          result=verdict(ratio <= 5),
+          note=f"{ratio:.2f}x before; max {r['during_max']:.1f} ms; {r['during_n']} round trips; {r['cpu'].note()}")
+    t.add(name, "storm duration (s)", r["storm_s"], ratio="n/a",
+          note=f"{r['ok']}/{logins} logins 200, median login {r['login_p50']:.2f} s")
+
+
+# ---------------------------------------------------------------- scenario 4: history
+
+
+async def http_load(port, path, token, seconds, concurrency=8):
+    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
+    counts = {"ok": 0, "bad": 0, "bytes": 0}
+    latencies = []
+
+    async def worker(deadline):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            while time.perf_counter() < deadline:
+                t = CLOCK()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                index = head.find(b"content-length:")
+                if index >= 0:
+                    length = int(head[index + 15 : head.find(b"\r\n", index)])
+                body = await reader.readexactly(length)
+                latencies.append(CLOCK() - t)
+                if head[9:12] == b"200":
+                    counts["ok"] += 1
+                    counts["bytes"] += len(body)
+                else:
+                    counts["bad"] += 1
+        finally:
+            writer.close()
+
+    await asyncio.wait_for(asyncio.gather(*(worker(time.perf_counter() + 0.3) for _ in range(concurrency))), 30)
+    counts.update(ok=0, bad=0, bytes=0)
+    latencies.clear()
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker(start + seconds) for _ in range(concurrency))), seconds + 30)
+    elapsed = time.perf_counter() - start
+    return {"rps": counts["ok"] / elapsed, "bad": counts["bad"], "p99": ms(percentile(latencies, 99)),
+            "size": counts["bytes"] / max(1, counts["ok"])}
+
+
+def insert_messages(db_path, username, count, start=0):
+    connection = sqlite3.connect(db_path, timeout=30)
+    try:
+        with connection:
+            connection.executemany(
+                "INSERT INTO messages (username, text) VALUES (?, ?)",
+                ((username, f"history message number {i} with a little text") for i in range(start, start + count)),
+            )
+        return connection.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        connection.close()
+
+
+async def scenario_history(bench):
+    seconds = 1.5 if bench.quick else 3.0
+    big = 100_000
+    chat = await bench.start_chat()
+    db_path = chat.database_url.split("///", 1)[1]
+    username, token = await bench.user_token(chat.port)
+    stored = await asyncio.to_thread(insert_messages, db_path, username, 100)
+    path = "/auth/messages"
+    with CpuMeter([chat.pid]) as cpu_small:
+        small = await http_load(chat.port, path, token, seconds)
+    t = time.perf_counter()
+    stored_big = await asyncio.to_thread(insert_messages, db_path, username, big - stored, stored)
+    insert_s = time.perf_counter() - t
+    with CpuMeter([chat.pid]) as cpu_big:
+        large = await http_load(chat.port, path, token, seconds)
+    middle = await http_load(chat.port, f"{path}?before={big // 2}", token, seconds / 2)
+    bench.procs.stop(chat)
+    name = "4 history: GET /auth/messages (latest 100), 8 keep-alive connections"
+    tb = bench.table
+    tb.add(name, f"requests/s, {stored} stored", small["rps"],
+           note=f"p99 {small['p99']:.1f} ms, {small['size']:.0f} B/response; {cpu_small.note()}")
+    ratio = small["rps"] / large["rps"] if large["rps"] else float("inf")
+    tb.add(name, f"requests/s, {stored_big:,} stored", large["rps"], target="<= 1.5x slower than 100",
+           result=verdict(ratio <= 1.5),
+           note=f"{ratio:.2f}x slower; p99 {large['p99']:.1f} ms; {cpu_big.note()}; 100k rows inserted in {insert_s:.1f}s")
+    tb.add(name, f"requests/s, ?before={big // 2}", middle["rps"],
+           note=f"p99 {middle['p99']:.1f} ms; non-200: {small['bad'] + large['bad'] + middle['bad']}")
+
+
+# ---------------------------------------------------------------- scenario 5: ingest
+
+
+async def pump(senders, listener, seconds, window, text):
+    """Senders send as fast as the server takes it, at most `window` messages ahead of the listener."""
+    wake = asyncio.Event()
+    listener.handler = lambda ws, payload, now: wake.set()
+    sent = 0
+    end = time.perf_counter() + seconds
+    stalls = 0
+    while time.perf_counter() < end:
+        room = window - (sent - listener.frames)
+        if room <= 0:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), 2)
+            except asyncio.TimeoutError:
+                stalls += 1
+                if stalls > 3 or listener.closed.done():
+                    break
+            continue
+        for _ in range(room):
+            senders[sent % len(senders)].send_text(text)
+            sent += 1
+        await asyncio.sleep(0)
+    return sent
+
+
+async def ingest_run(server, path, senders_n, seconds, window=100, db_path=None):
+    listener = await ws_connect(server.port, path)
+    senders = await ws_connect_many(server.port, path, senders_n)
+    everyone = [listener] + senders
+    try:
+        await pump(senders, listener, 0.5, window, "warm up")
+        await asyncio.sleep(0.3)
+        frames_before = sum(ws.frames for ws in everyone)
+        heard_before = listener.frames
+        with CpuMeter([server.pid]) as cpu:
+            start = time.perf_counter()
+            sent = await pump(senders, listener, seconds, window, f"ingest {bench_tag()}")
+            elapsed = time.perf_counter() - start
+            heard = listener.frames - heard_before
+            delivered = sum(ws.frames for ws in everyone) - frames_before
+        await asyncio.sleep(0.5)
+        stored = None
+        if db_path:
+            stored = await asyncio.to_thread(count_rows, db_path, f"ingest {bench_tag()}")
+        return {"stored_rate": heard / elapsed, "delivered_rate": delivered / elapsed, "sent": sent, "stored": stored,
+                "closed": sum(1 for ws in everyone if ws.closed.done()), "cpu": cpu}
+    finally:
+        close_all(everyone)
+
+
+def bench_tag():
+    return TAG
+
+
+def count_rows(db_path, text):
+    connection = sqlite3.connect(db_path, timeout=30)
+    try:
+        return connection.execute("SELECT count(*) FROM messages WHERE text = ?", (text,)).fetchone()[0]
+    finally:
+        connection.close()
+
+
+async def scenario_ingest(bench):
+    seconds = 2.5 if bench.quick else 5.0
+    senders = 20
+    chat = await bench.start_chat()
+    db_path = chat.database_url.split("///", 1)[1]
+    _, token = await bench.user_token(chat.port)
+    c = await ingest_run(chat, f"/ws?token={token}", senders, seconds, db_path=db_path)
+    bench.procs.stop(chat)
+    bare = await bench.start_bare()
+    b = await ingest_run(bare, "/ws", senders, seconds)
+    bench.procs.stop(bare)
+    name = f"5 ingest: {senders} senders flat out (<= 100 in flight) + 1 listener, {seconds:g}s"
+    t = bench.table
+    t.add(name, "messages stored/s", c["stored_rate"], b["stored_rate"],
+          note=f"chat {c['cpu'].note()}; bare relays without storing")
+    t.add(name, "deliveries/s (21 connections)", c["delivered_rate"], b["delivered_rate"],
+          note=f"bare {b['cpu'].note()}; all {c['sent']} sent are in the DB: {c['stored'] == c['sent']} "
+               f"({c['stored']}); closed early {c['closed']}")
+
+
+# ---------------------------------------------------------------- scenario 6: idle memory
+
+
+async def idle_run(server, path, count):
+    warm = await ws_connect_many(server.port, path, 10)
+    close_all(warm)
+    await asyncio.sleep(1.0)
+    before = rss_kib(server.pid)
+    t = time.perf_counter()
+    connections = await ws_connect_many(server.port, path, count, concurrency=100, timeout=90)
+    connect_s = time.perf_counter() - t
+    try:
+        await asyncio.sleep(1.5)
+        after = rss_kib(server.pid)
+        alive = sum(1 for ws in connections if not ws.closed.done())
+        return {"per": (after - before) / count, "before": before, "after": after, "alive": alive, "connect": connect_s}
+    finally:
+        close_all(connections)
+
+
+async def scenario_idle(bench):
+    count = 500 if bench.quick else 2000
+    chat = await bench.start_chat()
+    _, token = await bench.user_token(chat.port)
+    c = await idle_run(chat, f"/ws?token={token}", count)
+    bench.procs.stop(chat)
+    bare = await bench.start_bare()
+    b = await idle_run(bare, "/ws", count)
+    bench.procs.stop(bare)
+    name = f"6 idle: {count} open websockets"
+    t = bench.table
+    ratio = c["per"] / b["per"] if b["per"] > 0 else float("inf")
+    t.add(name, "RSS per connection (KiB)", c["per"], b["per"], target="<= 2x bare", result=verdict(ratio <= 2),
+          note=f"chat RSS {c['before'] // 1024}->{c['after'] // 1024} MiB, bare {b['before'] // 1024}->{b['after'] // 1024} MiB; "
+               f"open at the end {c['alive']}/{count}; RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
+    t.add(name, f"connect {count} (s)", c["connect"], b["connect"])
+
+
+# ---------------------------------------------------------------- scenario 7: scale-out
+
+
+async def postgres_admin(sql, url=POSTGRES_ADMIN_URL):
+    import asyncpg
+
+    connection = await asyncpg.connect(url, timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+async def start_redis(bench):
+    """A private redis-server: chat.py publishes on the fixed channel "chat:messages", which is
+    global across Redis DB numbers, so a shared Redis would mix our traffic with other users'."""
+    override = os.environ.get("BENCH_REDIS_URL")
+    if override or not shutil.which("redis-server"):
+        return None, override or "redis://127.0.0.1:6379/5"
+    port = free_port()
+    process = bench.procs.start("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                                          "--appendonly", "no", "--protected-mode", "no"], cwd=bench.tmp)
+    await bench.wait_tcp(process, port)
+    return process, f"redis://{HOST}:{port}/0"
+
+
+async def scaleout_run(processes, path_for, listeners, senders_n, seconds, window=64):
+    tag = bench_tag()
+    foreign = {"n": 0}
+
+    def count_foreign(ws, payload, now):
+        if tag.encode() not in payload:
+            foreign["n"] += 1
+
+    connections = []
+    try:
+        # Listeners and senders spread round-robin across the processes.
+        listen = []
+        for i in range(listeners):
+            server = processes[i % len(processes)]
+            listen.append(ws_connect(server.port, path_for(server), count_foreign))
+        connections += await asyncio.wait_for(asyncio.gather(*listen), 60)
+        senders = []
+        for i in range(senders_n):
+            server = processes[i % len(processes)]
+            senders.append(await ws_connect(server.port, path_for(server)))
+        connections += senders
+        probe = connections[0]  # the pump's flow control listens here
+        probe.handler = None
+        await pump(senders, probe, 0.5, window, f"warm {tag}")
+        await asyncio.sleep(0.5)
+        for ws in connections[1:listeners]:
+            ws.handler = count_foreign
+        frames_before = sum(ws.frames for ws in connections)
+        heard_before = probe.frames
+        with CpuMeter([p.pid for p in processes]) as cpu:
+            start = time.perf_counter()
+            sent = await pump(senders, probe, seconds, window, f"scale {tag}")
+            elapsed = time.perf_counter() - start
+            delivered = sum(ws.frames for ws in connections) - frames_before
+            heard = probe.frames - heard_before
+        return {"delivered": delivered / elapsed, "stored": heard / elapsed, "sent": sent, "foreign": foreign["n"],
+                "closed": sum(1 for ws in connections if ws.closed.done()), "cpu": cpu}
+    finally:
+        close_all(connections)
+
+
+async def scenario_scaleout(bench):
+    seconds = 2.5 if bench.quick else 6.0
+    listeners, senders = (60, 6) if bench.quick else (100, 10)
+    try:
+        database = "chat_bench_" + secrets.token_hex(5)
+        await postgres_admin(f"CREATE DATABASE {database}")
+    except Exception as error:
+        bench.table.add("7 scale-out", "skipped", f"PostgreSQL unavailable: {error}")
+        return
+    bench.postgres_databases.append(database)
+    redis_process, redis_url = await start_redis(bench)
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    database_url = f"{base}/{database}"
+    a = await bench.start_chat(database_url=database_url, broadcast_url=redis_url, name="chat-pg-a")
+    _, token = await bench.user_token(a.port)
+    path_for = lambda server: f"/ws?token={token}"  # noqa: E731 - the same SECRET_KEY everywhere
+    one = await scaleout_run([a], path_for, listeners, senders, seconds)
+    b = await bench.start_chat(database_url=database_url, broadcast_url=redis_url, name="chat-pg-b")
+    two = await scaleout_run([a, b], path_for, listeners, senders, seconds)
+    bench.procs.stop(b)
+    bench.procs.stop(a)
+    if redis_process:
+        bench.procs.stop(redis_process)
+    name = f"7 scale-out, PostgreSQL + Redis: {listeners} listeners + {senders} senders flat out, {seconds:g}s"
+    t = bench.table
+    where = "private redis-server" if redis_process else redis_url
+    t.add(name, "deliveries/s, 1 process", one["delivered"], note=f"{one['stored']:.0f} msgs/s stored; {one['cpu'].note()}")
+    t.add(name, "deliveries/s, 2 processes", two["delivered"],
+          note=f"{two['delivered'] / one['delivered']:.2f}x one process; {two['stored']:.0f} msgs/s stored; {two['cpu'].note()}")
+    t.add(name, "foreign frames / closed early", f"{one['foreign'] + two['foreign']} / {one['closed'] + two['closed']}",
+          note=f"Redis: {where} (chat.py's channel name is fixed)")
+
+
+# ---------------------------------------------------------------- main
+
+
+SCENARIOS = {
+    "fanout": (scenario_fanout, 70, 30),
+    "slow": (scenario_slow, 100, 30),
+    "storm": (scenario_storm, 50, 20),
+    "history": (scenario_history, 40, 15),
+    "ingest": (scenario_ingest, 40, 15),
+    "idle": (scenario_idle, 60, 20),
+    "scaleout": (scenario_scaleout, 60, 20),
+}
+TAG = secrets.token_hex(4)
+
+
+def machine_lines(bench):
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import uvicorn
+    import websockets
+
+    fs = "?"
+    with contextlib.suppress(Exception):
+        fs = subprocess.run(["df", "--output=fstype", str(bench.tmp)], capture_output=True, text=True).stdout.split()[-1]
+    return [
+        f"machine: nproc {len(os.sched_getaffinity(0))}, {model}, Python {platform.python_version()}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"software: uvicorn {uvicorn.__version__}, websockets {websockets.__version__}, "
+        f"event loop {'uvloop' if uvloop else 'asyncio'} (client and both servers); temp DB on {fs}",
+        "client: one process, lean hand-rolled websocket protocol; latency = receive time - send time "
+        "stamped in the text by the same process",
+    ]
+
+
+async def run(bench, names):
+    print("\n".join(machine_lines(bench)), flush=True)
+    for name in names:
+        function, budget, minimum = SCENARIOS[name]
+        remaining = bench.remaining()
+        if remaining < minimum:
+            bench.table.add(name, "skipped", "time budget")
+            continue
+        t = time.monotonic()
+        print(f"... {name}", end="", flush=True)
+        try:
+            await asyncio.wait_for(function(bench), min(budget, remaining))
+            print(f" {time.monotonic() - t:.0f}s", flush=True)
+        except asyncio.TimeoutError:
+            print(" timed out", flush=True)
+            bench.table.add(name, "TIMEOUT", f"over {min(budget, remaining):.0f}s")
+        except Exception as error:
+            print(f" failed: {error!r}", flush=True)
+            bench.table.add(name, "ERROR", repr(error)[:150])
+        finally:
+            for process in list(bench.procs.items):  # a failed scenario leaves nothing behind
+                if process.bench_name != "redis" or name == "scaleout":
+                    bench.procs.stop(process)
+
+
+def raise_nofile_limit(needed=8192):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))  # inherited by the servers
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a shortened run (about a minute)")
+    parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
+    parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    raise_nofile_limit()
+    if args.bare_server:
+        run_bare_server(args.bare_server)
+        return
+    names = list(SCENARIOS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    bench = Bench(args)
+    started = time.monotonic()
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run(bench, names))
+        print()
+        print(bench.table.render())
+        print(f"\ntotal {time.monotonic() - started:.0f}s")
+    finally:
+        bench.procs.stop_all()
+        for database in bench.postgres_databases:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.wait_for(
+                    postgres_admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"), 15))
+        loop.close()
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
