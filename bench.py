@@ -516,7 +516,6 @@ class Bench:
         self.started = time.monotonic()
         self.deadline = self.started + (110 if args.quick else 285)
         self.notes = []
-        self.run_tag = secrets.token_hex(3)
 
     # -- servers
 
@@ -552,7 +551,7 @@ class Bench:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.bench_name} exited with {process.returncode}:\n{self.procs.log_tail(process)}")
-            with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError, IndexError):
+            with contextlib.suppress(OSError, EOFError, asyncio.TimeoutError, ValueError, IndexError):
                 status, _ = await http_request(port, "GET", path, timeout=2)
                 if status == 200:
                     return
@@ -1156,8 +1155,6 @@ async def scaleout_run(processes, path_for, listeners, senders_n, seconds, windo
         probe.handler = None
         await pump(senders, probe, 0.5, window, f"warm {tag}")
         await asyncio.sleep(0.5)
-        for ws in connections[1:listeners]:
-            ws.handler = count_foreign
         frames_before = sum(ws.frames for ws in connections)
         heard_before = probe.frames
         with CpuMeter([p.pid for p in processes]) as cpu:
@@ -1264,8 +1261,7 @@ async def run(bench, names):
             bench.table.add(name, "ERROR", repr(error)[:150])
         finally:
             for process in list(bench.procs.items):  # a failed scenario leaves nothing behind
-                if process.bench_name != "redis" or name == "scaleout":
-                    bench.procs.stop(process)
+                bench.procs.stop(process)
 
 
 def raise_nofile_limit(needed=8192):

@@ -482,7 +482,6 @@ async def openapi_schema(request):
 clients = {}
 recent_ids = collections.deque(maxlen=10_000)  # delivered ids, so a message is never delivered twice
 recent_id_set = set()
-highest_delivered_id = 0
 
 
 def chat_message(id, username, text):
@@ -493,14 +492,12 @@ def chat_message(id, username, text):
 
 def deliver(message):
     """Queue a stored message for every local websocket. Never waits on any of them."""
-    global highest_delivered_id
     if message["id"] in recent_id_set:
         return
     if len(recent_ids) == recent_ids.maxlen:
         recent_id_set.discard(recent_ids[0])
     recent_ids.append(message["id"])
     recent_id_set.add(message["id"])
-    highest_delivered_id = max(highest_delivered_id, message["id"])
     for websocket, outbox in list(clients.items()):
         if outbox.qsize() >= OUTBOX_LIMIT:
             close_client(websocket, CLOSE_TOO_SLOW)
@@ -530,8 +527,9 @@ async def store_and_publish(username, text):
             deliver(message)
 
 
-async def relay_from_redis(redis_client):
-    """Deliver what every process publishes to this process's websockets, reconnecting as needed."""
+async def relay_from_redis(redis_client, last_relayed_id):
+    """Deliver what every process publishes to this process's websockets. When Redis comes
+    back after going away, first deliver what was stored meanwhile (deliver skips repeats)."""
     lost = False
     while True:
         try:
@@ -539,12 +537,16 @@ async def relay_from_redis(redis_client):
                 await pubsub.subscribe(REDIS_CHANNEL)
                 if lost:
                     log.warning("reconnected to Redis; delivering messages stored meanwhile")
-                    for row in await fetch_messages(1000, after=highest_delivered_id):
-                        deliver(chat_message(**row))
+                    while rows := await fetch_messages(1000, after=last_relayed_id):
+                        for row in rows:
+                            deliver(chat_message(**row))
+                        last_relayed_id = rows[-1]["id"]
                     lost = False
                 async for item in pubsub.listen():
                     if item["type"] == "message":
-                        deliver(chat_message(**json.loads(item["data"])))
+                        message = chat_message(**json.loads(item["data"]))
+                        last_relayed_id = max(last_relayed_id, message["id"])
+                        deliver(message)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -661,10 +663,9 @@ async def set_up_service():
     await apply_schema()
     service["publish_lock"] = asyncio.Lock()
     if BROADCAST_URL:
-        global highest_delivered_id
-        highest_delivered_id = await database.fetch_val("SELECT coalesce(max(id), 0) FROM messages")
+        last_id = await database.fetch_val("SELECT coalesce(max(id), 0) FROM messages")
         service["redis"] = redis.asyncio.from_url(BROADCAST_URL, socket_connect_timeout=2)
-        service["relay"] = asyncio.create_task(relay_from_redis(service["redis"]))
+        service["relay"] = asyncio.create_task(relay_from_redis(service["redis"], last_id))
 
 
 async def start_service():

@@ -15,7 +15,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 import chat
 from conftest import PASSWORD, unique_name
 
-EXAMPLES_PER_OPERATION = 40
+EXAMPLES_PER_OPERATION = 50
 CONFIG = SchemathesisConfig.from_dict({"generation": {"max-examples": EXAMPLES_PER_OPERATION}})
 
 
