@@ -126,39 +126,44 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def wait_until_healthy(base_url, process, seconds=30):
+def wait_until_healthy(health_url, process, seconds=30):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+            if httpx.get(health_url, timeout=1).status_code == 200:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"server at {base_url} did not become healthy")
+    raise RuntimeError(f"{health_url} did not answer 200")
+
+
+def stop_process(process, seconds=15):
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager
-def running_server(env=None, args=(), port=None):
-    """A real uvicorn serving chat:app on a free port; yields (base_url, process)."""
+def running_server(env=None, args=(), port=None, app="chat:app", health_path="/health"):
+    """A real uvicorn serving `app` (chat:app unless told) on a free port; yields (base_url, process).
+    Its stderr is a pipe the test may read; stdout goes to a log file under TMP."""
     port = port or free_port()
-    command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
                "--ws-max-size", "65536", "--log-level", "warning", *args]
     log_file = open(TMP / f"server-{port}-{secrets.token_hex(3)}.log", "w+")
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
                                stdout=log_file, stderr=subprocess.PIPE, text=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(base_url, process)
+        wait_until_healthy(base_url + health_path, process)
         yield base_url, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         log_file.close()
 
 
