@@ -87,13 +87,17 @@ MAX_MESSAGE_CHARS = 1000
 WS_MAX_FRAME_BYTES = 64 * 1024  # for uvicorn's --ws-max-size: no frame may be bigger than this
 OUTBOX_LIMIT = 256  # frames queued for one websocket before it counts as too slow
 CLOSE_TOO_SLOW = 1013  # "try again later": reconnect with ?after=<last id> to catch up
-REDIS_CHANNEL = "chat:messages"
+BROADCAST_CHANNEL = os.environ.get("BROADCAST_CHANNEL", "").strip() or "chat:messages"
 
 
 # ---------------------------------------------------------------- SQL access
 
-# Python's sqlite3 waits this long for a lock (its busy timeout) instead of failing at once.
-database = databases.Database(DATABASE_URL, **({"timeout": 5.0} if USES_SQLITE else {}))
+def new_database():
+    # Python's sqlite3 waits this long for a lock (its busy timeout) instead of failing at once.
+    return databases.Database(DATABASE_URL, **({"timeout": 5.0} if USES_SQLITE else {}))
+
+
+database = new_database()
 
 # schema.sql is written for SQLite; this is the one phrase PostgreSQL spells differently.
 POSTGRES_SPELLINGS = {"INTEGER PRIMARY KEY AUTOINCREMENT": "BIGSERIAL PRIMARY KEY"}
@@ -108,11 +112,21 @@ def schema_statements():
     return [statement.strip() for statement in text.split(";") if statement.strip()]
 
 
+SCHEMA_LOCK = 4_711_001  # any number: the PostgreSQL advisory lock held while applying the schema
+
+
 async def apply_schema():
     if USES_SQLITE:
         await database.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
-    for statement in schema_statements():
-        await database.execute(statement)
+        for statement in schema_statements():
+            await database.execute(statement)
+        return
+    # Processes starting together (uvicorn --workers 4) take turns: PostgreSQL's
+    # CREATE ... IF NOT EXISTS fails when a twin statement runs at the same moment.
+    async with database.transaction():
+        await database.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        for statement in schema_statements():
+            await database.execute(statement)
 
 
 async def find_user(username):
@@ -408,7 +422,7 @@ async def health(request):
 
 
 async def web_client(request):
-    return FileResponse(HERE / "index.html", media_type="text/html")
+    return FileResponse(HERE / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
 schemas = SchemaGenerator(
@@ -521,20 +535,24 @@ async def store_and_publish(username, text):
             deliver(message)
             return
         try:
-            await redis_client.publish(REDIS_CHANNEL, message["json"])
+            try:
+                await redis_client.publish(BROADCAST_CHANNEL, message["json"])
+            except redis.ConnectionError:  # a connection from before a Redis restart fails once
+                await redis_client.publish(BROADCAST_CHANNEL, message["json"])
         except redis.RedisError as error:
             log.warning("could not publish message %s to Redis (%s); delivering locally", message["id"], error)
             deliver(message)
 
 
-async def relay_from_redis(redis_client, last_relayed_id):
+async def relay_from_redis(redis_client, last_relayed_id, subscribed):
     """Deliver what every process publishes to this process's websockets. When Redis comes
     back after going away, first deliver what was stored meanwhile (deliver skips repeats)."""
     lost = False
     while True:
         try:
             async with redis_client.pubsub() as pubsub:
-                await pubsub.subscribe(REDIS_CHANNEL)
+                await pubsub.subscribe(BROADCAST_CHANNEL)
+                subscribed.set()
                 if lost:
                     log.warning("reconnected to Redis; delivering messages stored meanwhile")
                     while rows := await fetch_messages(1000, after=last_relayed_id):
@@ -665,7 +683,10 @@ async def set_up_service():
     if BROADCAST_URL:
         last_id = await database.fetch_val("SELECT coalesce(max(id), 0) FROM messages")
         service["redis"] = redis.asyncio.from_url(BROADCAST_URL, socket_connect_timeout=2)
-        service["relay"] = asyncio.create_task(relay_from_redis(service["redis"], last_id))
+        subscribed = asyncio.Event()
+        service["relay"] = asyncio.create_task(relay_from_redis(service["redis"], last_id, subscribed))
+        with contextlib.suppress(asyncio.TimeoutError):  # Redis may be down: serve anyway
+            await asyncio.wait_for(subscribed.wait(), 5)
 
 
 async def start_service():
@@ -675,6 +696,9 @@ async def start_service():
     if started is None or started.get_loop() is not loop or (started.done() and started.exception()):
         if started is not None and started.get_loop() is not loop:
             service.clear()
+            global database
+            if database.is_connected:  # connected on an event loop that has gone: its pool is no use here
+                database = new_database()
         started = service["started"] = loop.create_task(set_up_service())
     await asyncio.shield(started)
 
@@ -696,7 +720,8 @@ def start_on_first_use(app):
     async def asgi(scope, receive, send):
         if scope["type"] in ("http", "websocket"):
             started = service.get("started")
-            if not (started and started.done() and not started.exception()):
+            ready = started and started.done() and not started.exception()
+            if not (ready and started.get_loop() is asyncio.get_running_loop()):
                 try:
                     await start_service()
                 except Exception:
