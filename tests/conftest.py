@@ -130,7 +130,7 @@ def wait_until_healthy(health_url, process, seconds=30):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read()}")
+            raise RuntimeError(f"server exited with {process.returncode}: {server_log(process)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(health_url, timeout=1).status_code == 200:
                 return
@@ -148,23 +148,29 @@ def stop_process(process, seconds=15):
             process.wait()
 
 
+def server_log(process):
+    """Everything a server started by running_server has printed so far."""
+    return Path(process.log_path).read_text(errors="replace")
+
+
 @contextlib.contextmanager
 def running_server(env=None, args=(), port=None, app="chat:app", health_path="/health"):
     """A real uvicorn serving `app` (chat:app unless told) on a free port; yields (base_url, process).
-    Its stderr is a pipe the test may read; stdout goes to a log file under TMP."""
+    Its output goes to a file under TMP: read it with server_log(process)."""
     port = port or free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
                "--ws-max-size", "65536", "--log-level", "warning", *args]
-    log_file = open(TMP / f"server-{port}-{secrets.token_hex(3)}.log", "w+")
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
-                               stdout=log_file, stderr=subprocess.PIPE, text=True)
+    log_path = TMP / f"server-{port}-{secrets.token_hex(3)}.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    process.log_path = log_path
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url + health_path, process)
         yield base_url, process
     finally:
         stop_process(process)
-        log_file.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,445 @@
+"""Scale-out (SPEC section 7): several processes share one PostgreSQL database and one Redis; a
+message sent on any process reaches the clients of every process exactly once, history is the
+same everywhere, and losing Redis or the database for a while is handled honestly.
+
+Needs PostgreSQL and Redis on 127.0.0.1 whatever CHAT_TEST_DATABASE says. Without them these
+tests skip, except with CI=true, where they fail.
+
+The Redis channel ("chat:messages") is shared with anything else using that Redis, such as a
+concurrent test run: clients here only look at messages of this module's users, and this
+module's database numbers its messages from a random, very high id so that another run's ids
+cannot collide with ours in the servers' duplicate filter."""
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import secrets
+import subprocess
+import time
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import (
+    IN_CI, POSTGRES_ADMIN_URL, REDIS_URL, TMP, free_port, postgres_admin, register_and_login, running_server,
+    server_log, stop_process, ws_url,
+)
+
+USER_PREFIX = "so" + secrets.token_hex(3) + "_"  # every user of this module, none of anyone else's
+CHANNEL = "chat-test-" + secrets.token_hex(6)  # this run's own, on the shared Redis
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def unavailable(reason):
+    if IN_CI:
+        pytest.fail(f"{reason}; CI needs it", pytrace=False)
+    pytest.skip(reason)
+
+
+def run(coroutine, seconds=60):
+    return asyncio.run(asyncio.wait_for(coroutine, seconds))
+
+
+# ---------------------------------------------------------------- PostgreSQL and Redis
+
+
+def database_url(name):
+    return f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """A new, empty PostgreSQL database; yields its name and drops it afterwards."""
+    name = "chat_scaleout_" + secrets.token_hex(5)
+    try:
+        postgres_admin(f"CREATE DATABASE {name}")
+    except (OSError, asyncio.TimeoutError) as error:
+        problem = f"PostgreSQL at {POSTGRES_ADMIN_URL} does not answer ({error})"
+    else:
+        problem = None
+    if problem:
+        unavailable(problem)
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(Exception):
+            postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def in_database(name, sql):
+    import asyncpg
+
+    async def query():
+        connection = await asyncpg.connect(database_url(name).replace("+asyncpg", ""), timeout=5)
+        try:
+            return await connection.fetchval(sql)
+        finally:
+            await connection.close()
+
+    return asyncio.run(query())
+
+
+@pytest.fixture(scope="module")
+def shared_database():
+    """The PostgreSQL database that this module's servers share."""
+    with postgres_database() as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def shared_redis():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        problem = f"Redis at {REDIS_URL} does not answer ({error})"
+    else:
+        problem = None
+    finally:
+        client.close()
+    if problem:
+        unavailable(problem)
+    return REDIS_URL
+
+
+class OwnRedis:
+    """A redis-server of this test's own on a free port, without persistence, that the test may
+    stop and start again on the same port."""
+
+    def __init__(self):
+        if not os.access(REDIS_SERVER, os.X_OK):
+            unavailable(f"{REDIS_SERVER} is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def answers(self):
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def start(self):
+        log = open(TMP / f"redis-{self.port}-{secrets.token_hex(3)}.log", "w")
+        with log:  # the child has its own copy
+            self.process = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        while not self.answers():
+            assert self.process.poll() is None, f"redis-server exited with {self.process.returncode}"
+            assert time.monotonic() < deadline, "redis-server did not answer within 10 seconds"
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.process:
+            stop_process(self.process, 10)
+
+
+@contextlib.contextmanager
+def own_redis():
+    server = OwnRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- servers and their logs
+
+
+def wait_for_log(process, phrase, seconds):
+    deadline = time.monotonic() + seconds
+    while phrase not in server_log(process):
+        assert time.monotonic() < deadline, f"{phrase!r} not logged within {seconds}s:\n{server_log(process)}"
+        time.sleep(0.05)
+
+
+def new_user(http):
+    return register_and_login(http, USER_PREFIX + secrets.token_hex(3))
+
+
+def history(http, token, after):
+    response = http.get("/auth/messages", params={"after": after, "limit": 1000},
+                        headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def latest_id(http, token):
+    messages = history(http, token, 0)
+    return messages[-1]["id"] if messages else 0
+
+
+# ---------------------------------------------------------------- websocket clients
+
+
+class Client:
+    """A format=json websocket whose frames from this module's users are collected as they come."""
+
+    def __init__(self, name, ws):
+        self.name, self.ws = name, ws
+        self.frames = []
+        self.changed = asyncio.Event()
+        self.reader = asyncio.create_task(self.read())
+
+    @classmethod
+    async def open(cls, name, base_url, token, after):
+        return cls(name, await connect(ws_url(base_url, token, format="json", after=after), open_timeout=10))
+
+    async def read(self):
+        try:
+            async for raw in self.ws:
+                message = json.loads(raw)
+                if message["username"].startswith(USER_PREFIX):
+                    self.frames.append(message)
+                    self.changed.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.changed.set()
+
+    def texts(self):
+        return [message["text"] for message in self.frames]
+
+    async def wait_for(self, texts, seconds=10):
+        """Until every one of `texts` has arrived; fails naming what is missing."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while missing := set(texts) - set(self.texts()):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if self.reader.done():
+                raise AssertionError(f"{self.name}: closed ({self.ws.close_code}) while waiting for {sorted(missing)}")
+            if remaining <= 0:
+                raise AssertionError(f"{self.name}: within {seconds}s, never got {sorted(missing)}")
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    def assert_each_once(self, texts):
+        counts = collections.Counter(self.texts())
+        assert {text: counts[text] for text in texts} == {text: 1 for text in texts}, f"{self.name} got {counts}"
+
+    async def close(self):
+        await self.ws.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.reader, 5)
+
+
+async def everyone_gets(clients, texts, seconds=10, quiet=0.5):
+    """Every client receives every one of `texts` exactly once (a late duplicate has `quiet` seconds to show)."""
+    await asyncio.gather(*(client.wait_for(texts, seconds) for client in clients))
+    await asyncio.sleep(quiet)
+    for client in clients:
+        client.assert_each_once(texts)
+
+
+async def in_step(clients):
+    """Return once every client is surely in its server's broadcast: each sees a message sent
+    now. (Clients connect with after=, so even a client still joining gets it exactly once.)"""
+    text = "sync " + secrets.token_hex(4)
+    await clients[0].ws.send(text)
+    await everyone_gets(clients, [text], quiet=0)
+
+
+async def send_all(client, texts, echo_seconds=10):
+    """Send one at a time, each once its echo has come back (so their ids go up in this order)."""
+    for text in texts:
+        await client.ws.send(text)
+        await client.wait_for([text], echo_seconds)
+
+
+def assert_in_id_order_per_process(client, texts_by_process):
+    """Messages stored by one process reach a client in id order (the process publishes them
+    in that order, and Redis keeps it)."""
+    for texts in texts_by_process:
+        ids = [message["id"] for message in client.frames if message["text"] in texts]
+        assert ids == sorted(ids), f"{client.name}: {ids}"
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_two_processes_share_one_database_and_one_redis(shared_database, shared_redis):
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
+    with running_server(env) as (url_a, _), running_server(env) as (url_b, _):
+        with httpx.Client(base_url=url_a, timeout=10) as http_a, httpx.Client(base_url=url_b, timeout=10) as http_b:
+            # registered on one process, connected to the other: users and tokens are shared too
+            users = [new_user(http_a), new_user(http_b), new_user(http_a), new_user(http_b)]
+            token = users[0][1]["access_token"]
+            start = latest_id(http_a, token)
+            places = [url_b, url_a, url_a, url_b]
+
+            async def scenario():
+                clients = [await Client.open(f"{name}@{'AB'[places[i] == url_b]}", places[i], tokens["access_token"], start)
+                           for i, (name, tokens) in enumerate(users)]
+                await in_step(clients)
+                sent = {client.name: [f"{client.name} says {n} {secrets.token_hex(3)}" for n in range(3)]
+                        for client in clients}
+                await asyncio.gather(*(send_all(client, sent[client.name]) for client in clients))
+                everything = [text for texts in sent.values() for text in texts]
+                await everyone_gets(clients, everything)
+                for client in clients:
+                    assert_in_id_order_per_process(client, [
+                        [text for c in clients if c.name.endswith("@A") for text in sent[c.name]],
+                        [text for c in clients if c.name.endswith("@B") for text in sent[c.name]],
+                    ])
+                frames = clients[0].frames
+                await asyncio.gather(*(client.close() for client in clients))
+                return everything, frames
+
+            everything, frames = run(scenario())
+            seen_on_a, seen_on_b = history(http_a, token, start), history(http_b, token, start)
+            assert seen_on_a == seen_on_b
+            mine = [message for message in seen_on_a if message["text"] in everything]
+            assert sorted(message["text"] for message in mine) == sorted(everything)
+            assert all(frame in seen_on_a for frame in frames)  # same ids, names and texts as delivered
+
+
+def worker_pids(port, clients):
+    """The server processes that hold the connections of `clients` to `port`."""
+    output = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                            capture_output=True, text=True, timeout=10).stdout
+    owner = {int(peer): int(pid) for peer, pid in re.findall(r":\d+\s+\S+:(\d+)\s+users:\(\(.*?pid=(\d+)", output)}
+    return {owner.get(client.ws.local_address[1]) for client in clients}
+
+
+@pytest.fixture
+def new_database():
+    """A PostgreSQL database of this test's own, empty: no schema yet."""
+    with postgres_database() as name:
+        yield name
+
+
+def test_four_workers_share_one_database_and_one_redis(new_database, shared_redis):
+    # A new database: the four workers start at once and apply the schema at the same moment.
+    env = {"DATABASE_URL": database_url(new_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
+    with running_server(env, args=["--workers", "4"]) as (url, process):
+        port = int(url.rsplit(":", 1)[1])
+        with httpx.Client(base_url=url, timeout=10) as http:
+            users = [new_user(http) for _ in range(4)]
+            start = latest_id(http, users[0][1]["access_token"])
+
+            async def scenario():
+                clients = []
+                # A connection goes to whichever worker accepts it first, and the server answered
+                # /health as soon as one worker was up. Keep opening clients, unhurried, until
+                # they are spread over at least two workers, else this would test nothing.
+                deadline = time.monotonic() + 30
+                while len(clients) < 8 or (len(worker_pids(port, clients) - {None}) < 2 and time.monotonic() < deadline):
+                    if len(clients) >= 8:
+                        await asyncio.sleep(0.25)
+                    name, tokens = users[len(clients) % len(users)]
+                    clients.append(await Client.open(f"{name}#{len(clients)}", url, tokens["access_token"], start))
+                workers = worker_pids(port, clients)
+                assert len(workers - {None}) >= 2 and process.pid not in workers, f"{len(clients)} clients all on one worker: {workers}"
+                await in_step(clients)
+                sent = {client.name: [f"{client.name} says {n} {secrets.token_hex(3)}" for n in range(2)]
+                        for client in clients}
+                await asyncio.gather(*(send_all(client, sent[client.name]) for client in clients))
+                everything = [text for texts in sent.values() for text in texts]
+                await everyone_gets(clients, everything)
+                await asyncio.gather(*(client.close() for client in clients))
+                return everything
+
+            everything = run(scenario())
+            stored = [m["text"] for m in history(http, users[0][1]["access_token"], start)]
+            assert sorted(text for text in stored if text in everything) == sorted(everything)
+        assert "Traceback" not in server_log(process), server_log(process)  # e.g. a worker that failed to start
+
+
+def test_losing_redis_for_a_while_loses_no_message(shared_database):
+    with own_redis() as redis_server:
+        env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": redis_server.url, "BROADCAST_CHANNEL": CHANNEL}
+        with running_server(env) as (url_a, process_a), running_server(env) as (url_b, process_b):
+            with httpx.Client(base_url=url_a, timeout=10) as http_a, httpx.Client(base_url=url_b, timeout=10) as http_b:
+                tokens_a, tokens_b, tokens_c = (new_user(http_a)[1]["access_token"] for _ in range(3))
+                start = latest_id(http_a, tokens_a)
+
+                async def scenario():
+                    a = await Client.open("a@A", url_a, tokens_a, start)  # stays connected
+                    b = await Client.open("b@B", url_b, tokens_b, start)  # stays connected
+                    c = await Client.open("c@B", url_b, tokens_c, start)  # leaves, comes back later
+                    await in_step([a, b, c])
+                    before = [f"before {n} {secrets.token_hex(3)}" for n in range(2)]
+                    await send_all(a, before[:1])
+                    await send_all(b, before[1:])
+                    await everyone_gets([a, b, c], before)
+                    last_seen_by_c = max(message["id"] for message in c.frames)
+                    await c.close()
+
+                    await asyncio.to_thread(redis_server.stop)
+                    stopped_at = time.monotonic()
+                    await asyncio.to_thread(wait_for_log, process_a, "lost the connection to Redis", 10)
+                    await asyncio.to_thread(wait_for_log, process_b, "lost the connection to Redis", 10)
+                    # Sending still works meanwhile: each sender gets its own message back, and it
+                    # is stored. Both sides take turns, so that their ids interleave.
+                    during = [f"during {n} {secrets.token_hex(3)}" for n in range(4)]
+                    for n, text in enumerate(during):
+                        await send_all([a, b][n % 2], [text])
+                    stored = [m["text"] for m in await asyncio.to_thread(history, http_b, tokens_b, start)]
+                    assert all(text in stored for text in during), stored
+                    await asyncio.sleep(max(0.0, stopped_at + 3 - time.monotonic()))  # a few seconds' outage
+
+                    await asyncio.to_thread(redis_server.start)  # on the same port
+                    await asyncio.to_thread(wait_for_log, process_a, "reconnected to Redis", 15)
+                    await asyncio.to_thread(wait_for_log, process_b, "reconnected to Redis", 15)
+                    # Those who stayed get what the other process stored meanwhile, exactly once.
+                    await everyone_gets([a, b], before + during)
+
+                    # Redis carries messages again, and the client that left catches up with after=
+                    # (on the other process this time).
+                    c = await Client.open("c@A", url_a, tokens_c, last_seen_by_c)
+                    after = [f"after {n} {secrets.token_hex(3)}" for n in range(2)]
+                    await send_all(a, after[:1])
+                    await send_all(b, after[1:])
+                    await everyone_gets([a, b], before + during + after)
+                    await everyone_gets([c], during + after)
+                    assert not any(message["id"] <= last_seen_by_c for message in c.frames)
+                    await asyncio.gather(a.close(), b.close(), c.close())
+                    return before + during + after
+
+                everything = run(scenario(), 90)
+                seen_on_a = history(http_a, tokens_a, start)
+                assert seen_on_a == history(http_b, tokens_b, start)
+                assert sorted(m["text"] for m in seen_on_a if m["text"] in everything) == sorted(everything)
+
+
+def test_a_lost_database_means_503_and_close_1011_not_a_pretended_send(new_database):
+    with running_server({"DATABASE_URL": database_url(new_database)}) as (url, _process):
+        with httpx.Client(base_url=url, timeout=10) as http:
+            _name, tokens = new_user(http)
+
+            async def scenario():
+                async with connect(ws_url(url, tokens["access_token"], format="json"), open_timeout=10) as ws:
+                    await ws.send("before the database goes")
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 10))["text"] == "before the database goes"
+
+                    # FORCE ends the server's connections too
+                    await asyncio.to_thread(postgres_admin, f"DROP DATABASE {new_database} WITH (FORCE)")
+                    response = await asyncio.to_thread(http.get, "/health")
+                    assert response.status_code == 503, response.text
+                    assert "detail" in response.json()
+
+                    await ws.send("after the database went")
+                    frames = []
+                    with pytest.raises(ConnectionClosed):
+                        while True:
+                            frames.append(await asyncio.wait_for(ws.recv(), 10))
+                    assert frames == []  # nothing pretends that the message went out
+                    return ws.close_code
+
+            assert run(scenario()) == 1011
