@@ -5,21 +5,15 @@ reload, a refused access token and a server restart, paging back, and a path pre
 Chromium comes from Debian (`apt-get install chromium`); Playwright cannot download its own here.
 Without it these tests skip, or fail when CI=true."""
 
-import contextlib
 import json
 import os
-import re
 import struct
-import subprocess
-import sys
-import textwrap
 
 import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from conftest import IN_CI, PASSWORD, ROOT, TMP, free_port, register_and_login, running_server, unique_name
-from conftest import wait_until_healthy, ws_url
+from conftest import IN_CI, PASSWORD, ROOT, register_and_login, running_server, unique_name, ws_url
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -30,7 +24,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 900, "height": 600}
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
+# The README's picture; rewritten only when asked, so that a test run leaves the tree clean.
+README_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
 
 @pytest.fixture(scope="module")
@@ -294,44 +289,29 @@ def test_a_server_restart_loses_no_message(open_page, http):
                                               "three, live again", "four, from the page"])
 
 
-@contextlib.contextmanager
-def running_mounted_app(tmp_path):
-    """chat.app mounted at /chat in a parent Starlette app, served by uvicorn; yields the parent's URL."""
-    (tmp_path / "parent.py").write_text(textwrap.dedent("""
-        from starlette.applications import Starlette
-        from starlette.responses import PlainTextResponse
-        from starlette.routing import Mount, Route
+PARENT_APP = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
 
-        import chat
+import chat
 
-        async def home(request):
-            return PlainTextResponse("the parent app")
 
-        app = Starlette(routes=[Route("/", home), Mount("/chat", app=chat.app)], lifespan=chat.lifespan)
-    """))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "uvicorn", "parent:app", "--app-dir", str(tmp_path), "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning"]
-    with open(TMP / f"parent-{port}.log", "w") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.PIPE, text=True)
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_healthy(base_url + "/chat", process)
-            yield base_url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+async def home(request):
+    return PlainTextResponse("the parent app")
+
+
+app = Starlette(routes=[Route("/", home), Mount("/chat", app=chat.app)], lifespan=chat.lifespan)
+"""
 
 
 def test_the_page_works_under_a_path_prefix(open_page, tmp_path):
-    with running_mounted_app(tmp_path) as parent_url:
+    (tmp_path / "parent.py").write_text(PARENT_APP)
+    mounted = running_server(app="parent:app", args=["--app-dir", str(tmp_path)], health_path="/chat/health")
+    with mounted as (parent_url, _):
         with httpx.Client(base_url=parent_url + "/chat", timeout=10) as http:
             other, tokens = register_and_login(http)
+        assert httpx.get(parent_url + "/").text == "the parent app"  # the page really is under /chat
         page = open_page(parent_url + "/chat")  # redirected to /chat/
         assert page.url == parent_url + "/chat/"
         username = unique_name()
@@ -345,7 +325,8 @@ def test_the_page_works_under_a_path_prefix(open_page, tmp_path):
 
 
 def test_screenshot_of_a_conversation(open_page, tmp_path):
-    """Writes docs/screenshot.png: a fresh database, two people, a short conversation."""
+    """A fresh database, two people, a short conversation. UPDATE_SCREENSHOT=1 writes it to
+    docs/screenshot.png for the README."""
     env = {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'screenshot.db'}"}
     with running_server(env=env) as (base_url, _), httpx.Client(base_url=base_url, timeout=10) as http:
         _, bob = register_and_login(http, "bob")
@@ -357,8 +338,9 @@ def test_screenshot_of_a_conversation(open_page, tmp_path):
         send_over_websocket(base_url, bob, ["Nice. And <b>tags</b> show up as plain text, good."])
         wait_for_text(page, "Nice. And <b>tags</b> show up as plain text, good.")
         page.fill("#text", "Exactly, nothing is ever rendered as HTML.")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        png = page.screenshot(path=str(SCREENSHOT))
+        page.locator("#text").blur()  # no caret or focus ring: the same picture on every run
+        target = README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "page.png"
+        png = page.screenshot(path=str(target))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png[16:24]) == (VIEWPORT["width"], VIEWPORT["height"])
-    assert re.search(rb"IDAT", png)
+    assert b"IDAT" in png
