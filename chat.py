@@ -265,6 +265,10 @@ async def read_fields(request, *names):
             raise HTTPException(400, f"Field '{name}' is required")
         if not isinstance(body[name], str):
             raise HTTPException(400, f"Field '{name}' must be a string")
+        try:
+            body[name].encode()
+        except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which is no text at all
+            raise HTTPException(400, f"Field '{name}' must be valid Unicode text")
     return [body[name] for name in names]
 
 
@@ -316,7 +320,9 @@ async def login(request):
       413: {$ref: '#/components/responses/Error'}
     """
     username, password = await read_fields(request, "username", "password")
-    user = await find_user(username)
+    # A name registration refuses cannot exist: don't look it up (PostgreSQL rejects a NUL in
+    # any text), but still check a hash below, so that it costs as long as a wrong password.
+    user = await find_user(username) if USERNAME_PATTERN.fullmatch(username) else None
     usable = len(password.encode()) <= 72  # bcrypt refuses longer ones, so no account has one
     matches = await in_bcrypt_thread(
         password_matches, password if usable else "", user["password"] if user else DUMMY_PASSWORD_HASH
@@ -486,7 +492,7 @@ schemas = SchemaGenerator(
 
 
 async def openapi_schema(request):
-    return schemas.OpenAPIResponse(request=request)
+    return JSONResponse(schemas.get_schema(routes=routes))
 
 
 # ---------------------------------------------------------------- websocket registry and routes
