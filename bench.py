@@ -1,7 +1,7 @@
 """Benchmark of the chat service against a bare `websockets` broadcast server (the ceiling).
 
     .venv/bin/python bench.py            # full run, under five minutes
-    .venv/bin/python bench.py --quick    # shortened run, about a minute
+    .venv/bin/python bench.py --quick    # shortened run, about two minutes
     .venv/bin/python bench.py --only fanout,idle
 
 Every figure comes from real servers over real sockets on 127.0.0.1: `uvicorn chat:app` on a
@@ -44,6 +44,7 @@ PASSWORD = "bench-password-1"
 BARE_WRITE_LIMIT = 256 * 1024  # the bare server drops a client with this much unsent (≈ chat's 256 frames of 900 chars)
 POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 CLOCK = time.perf_counter_ns  # one process stamps both the send and the receive times
+TAG = secrets.token_hex(4)  # marks this run's messages (ingest rows, scale-out frames)
 
 try:
     import uvloop
@@ -163,12 +164,22 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # the process is gone
+        return float("nan")
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
+def machine_busy_seconds():
+    """CPU seconds all cores spent busy since boot (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICKS  # minus idle and iowait
+
+
 class CpuMeter:
-    """CPU used by the servers (by PID) and by this client process over a window, in % of one core."""
+    """CPU used over a window, in % of one core: by the servers (by PID), by this client process,
+    and by everything else on the machine (other people's work competing for the same cores)."""
 
     def __init__(self, pids):
         self.pids = list(pids)
@@ -177,18 +188,23 @@ class CpuMeter:
         self.wall = time.perf_counter()
         self.client = time.process_time()
         self.servers = [cpu_seconds(pid) for pid in self.pids]
+        self.machine = machine_busy_seconds()
         return self
 
     def __exit__(self, *exc):
         wall = max(time.perf_counter() - self.wall, 1e-6)
         self.client_pct = 100 * (time.process_time() - self.client) / wall
         self.server_pct = [100 * (cpu_seconds(pid) - before) / wall for pid, before in zip(self.pids, self.servers)]
+        machine_pct = 100 * (machine_busy_seconds() - self.machine) / wall
+        self.others_pct = max(0.0, machine_pct - self.client_pct - sum(self.server_pct))
 
     def note(self):
         servers = "+".join(f"{p:.0f}" for p in self.server_pct)
-        text = f"cpu srv {servers}% cli {self.client_pct:.0f}%"
+        text = f"cpu% srv {servers} cli {self.client_pct:.0f} others {self.others_pct:.0f}"
         if self.client_pct >= 90:
             text += " CLIENT-BOUND"
+        if self.others_pct >= 50:
+            text += " NOISY"
         return text
 
 
@@ -445,27 +461,24 @@ class Table:
         self.rows.append([scenario, metric, chat, bare, ratio, target, result, note])
 
     def render(self):
-        header = ["scenario", "metric", "chat", "bare", "chat/bare", "target", "result", "notes"]
+        """One table: a heading line per scenario, then its metrics."""
+        header = ["scenario / metric", "chat", "bare", "chat/bare", "target", "result", "notes"]
         body = []
         for scenario, metric, chat, bare, ratio, target, result, note in self.rows:
-            body.append([scenario, metric, fmt(chat), fmt(bare), ratio_text(ratio, chat, bare), target, result, note])
-        widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header) - 1)]
-        lines = []
+            body.append((scenario, ["  " + metric, fmt(chat), fmt(bare), ratio_text(ratio, chat, bare), target, result, note]))
+        widths = [max(len(row[i]) for row in [header] + [r for _, r in body]) for i in range(len(header) - 1)]
 
         def line(row):
-            cells = [str(row[i]).ljust(widths[i]) if i < 2 else str(row[i]).rjust(widths[i]) for i in range(len(widths))]
-            cells[5] = str(row[5]).ljust(widths[5])
-            cells[6] = str(row[6]).ljust(widths[6])
-            return "  ".join(cells + [str(row[-1])]).rstrip()
+            cells = [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in (1, 2, 3)]
+            cells += [row[4].ljust(widths[4]), row[5].ljust(widths[5]), row[6]]
+            return "  ".join(cells).rstrip()
 
-        lines.append(line(header))
-        lines.append("-" * min(200, len(lines[0]) + 20))
+        lines = [line(header), "-" * (sum(widths) + 2 * len(widths) + 8)]
         previous = None
-        for row in body:
-            if row[0] == previous:
-                row = [""] + row[1:]
-            else:
-                previous = row[0]
+        for scenario, row in body:
+            if scenario != previous:
+                lines.append(scenario)
+                previous = scenario
             lines.append(line(row))
         return "\n".join(lines)
 
@@ -514,23 +527,25 @@ class Bench:
         self.secret = "bench-" + secrets.token_urlsafe(32)
         self.postgres_databases = []
         self.started = time.monotonic()
-        self.deadline = self.started + (110 if args.quick else 285)
+        self.deadline = self.started + (150 if args.quick else 285)
         self.notes = []
 
     # -- servers
 
-    def chat_env(self, rounds=4, database_url=None, broadcast_url=None):
-        env = {k: v for k, v in os.environ.items() if k not in ("BROADCAST_URL", "DATABASE_URL")}
+    def chat_env(self, rounds=4, database_url=None, broadcast_url=None, channel=None):
+        env = {k: v for k, v in os.environ.items() if k not in ("BROADCAST_URL", "DATABASE_URL", "BROADCAST_CHANNEL")}
         if database_url is None:
             database_url = f"sqlite+aiosqlite:///{self.tmp / ('chat-' + secrets.token_hex(4) + '.db')}"
         env.update(SECRET_KEY=self.secret, BCRYPT_ROUNDS=str(rounds), DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
         if broadcast_url:
             env["BROADCAST_URL"] = broadcast_url
+        if channel:
+            env["BROADCAST_CHANNEL"] = channel
         return env
 
-    async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, name="chat"):
+    async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, channel=None, name="chat"):
         port = free_port()
-        env = self.chat_env(rounds, database_url, broadcast_url)
+        env = self.chat_env(rounds, database_url, broadcast_url, channel)
         command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", HOST, "--port", str(port),
                    "--ws-max-size", "65536", "--log-level", "warning"]
         process = self.procs.start(name, command, env)
@@ -633,11 +648,13 @@ def latency_handler(latencies):
     return handler
 
 
-async def wait_for_deliveries(connections, expected_each, seconds):
-    """Until every connection got `expected_each` frames, or `seconds` pass without progress."""
+async def wait_for_deliveries(connections, expected_each, seconds, at_most=20):
+    """Until every connection got `expected_each` frames, or `seconds` pass without progress
+    (and never longer than `at_most` seconds)."""
     total_expected = expected_each * len(connections)
     last_total, last_change = -1, time.monotonic()
-    while True:
+    give_up = last_change + at_most
+    while time.monotonic() < give_up:
         total = sum(ws.got for ws in connections)
         if total >= total_expected:
             return
@@ -695,7 +712,7 @@ async def scenario_fanout(bench):
     bare = await bench.start_bare()
     b = await fanout_run(bare, "/ws", clients, rate, duration)
     bench.procs.stop(bare)
-    name = f"1 fan-out {clients} clients, 1 sender {rate}/s {duration}s"
+    name = f"1 fan-out: {clients} websocket clients, one of them sending {rate} msg/s for {duration} s"
     t = bench.table
     t.add(name, "latency p50 (ms)", c["p50"], b["p50"], note=f"chat {c['cpu'].note()}")
     t.add(name, "latency p99 (ms)", c["p99"], b["p99"], target="<= 3x bare p99",
@@ -711,10 +728,17 @@ async def scenario_fanout(bench):
 # ---------------------------------------------------------------- scenario 2: slow clients
 
 
-async def slow_run(server, path, readers, stalled, total, rate, size):
+async def slow_run(server, path, readers, stalled, total, rate, size, drain_s):
     latencies = []
     handler = latency_handler(latencies)
-    reader_connections = await ws_connect_many(server.port, path, readers, handler)
+    arrivals = [0.0] * total  # when reader 0 got each message (perf_counter)
+
+    def first_reader(ws, payload, now):
+        handler(ws, payload, now)
+        arrivals[ws.last] = time.perf_counter()
+
+    reader_connections = [await ws_connect(server.port, path, first_reader)]
+    reader_connections += await ws_connect_many(server.port, path, readers - 1, handler)
     sender = await ws_connect(server.port, path)  # reads, and only counts
     stalled_clients = [await StalledClient.connect(server.port, path) for _ in range(stalled)]
     result = {}
@@ -736,26 +760,29 @@ async def slow_run(server, path, readers, stalled, total, rate, size):
                 prefix = f"{i} {CLOCK()} "
                 sender.send_text(prefix + padding[: size - len(prefix)])
             send_s = time.perf_counter() - start
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + drain_s
             while time.monotonic() < deadline and sum(ws.got for ws in reader_connections) < total * readers:
                 for s in stalled_clients:
                     s.poll()
                 await asyncio.sleep(0.02)
         for s in stalled_clients:
             s.poll()
+        last_arrival = max(arrivals)
         lost, ooo, _ = loss_counts(reader_connections, total)
         result.update(
             p50=ms(percentile(latencies, 50)), p99=ms(percentile(latencies, 99)), max=ms(max(latencies, default=0)),
             lost=lost, ooo=ooo, cpu=cpu, send_s=send_s, closed=sum(1 for ws in reader_connections if ws.closed.done()),
-            sender_closed=sender.close_code,
+            got=reader_connections[0].got, rate=reader_connections[0].got / max(1e-6, last_arrival - start),
         )
-        # The stalled clients now read: the last message before the close frame is where the server gave up.
+        # The stalled clients now read at last: the last message before the close frame is where
+        # the server gave up on them (it stopped queueing when the next one was delivered).
+        outcomes = await asyncio.gather(*(s.resume(timeout=3) for s in stalled_clients))
         drops = []
-        for s in stalled_clients:
-            tcp_dropped = None if s.dropped_at is None else s.dropped_at - start
-            code, seqs = await s.resume(timeout=5)
+        for s, (code, seqs) in zip(stalled_clients, outcomes):
             last = max(seqs) if seqs else -1
-            drops.append({"tcp": tcp_dropped, "code": code, "last": last, "removed": (last + 1) / rate})
+            removed = arrivals[last + 1] - start if code is not None and last + 1 < total and arrivals[last + 1] else None
+            drops.append({"tcp": None if s.dropped_at is None else s.dropped_at - start, "code": code,
+                          "last": last, "removed": removed, "got": len(seqs)})
         result["drops"] = drops
         return result
     finally:
@@ -765,52 +792,68 @@ async def slow_run(server, path, readers, stalled, total, rate, size):
                 s.sock.close()
 
 
-def describe_drops(drops, total, rate):
+def describe_drops(drops, total):
+    """The value for the table (seconds after the start when the last stalled client was dropped) and a note."""
     if not drops:
         return "-", ""
     tcp = [d["tcp"] for d in drops if d["tcp"] is not None]
-    codes = sorted({str(d["code"]) for d in drops})
+    removed = [d["removed"] for d in drops if d["removed"] is not None]
+    codes = "/".join(sorted({str(d["code"]) for d in drops}))
     lasts = [d["last"] for d in drops]
     if len(tcp) == len(drops):
-        value = max(tcp)
-        note = f"TCP reset after {min(tcp):.2f}-{max(tcp):.2f}s"
+        return max(tcp), f"TCP reset {min(tcp):.1f}-{max(tcp):.1f}s after the start"
+    note = f"TCP still open at the end for {len(drops) - len(tcp)}/{len(drops)}"
+    if len(removed) == len(drops):
+        value = max(removed)
+        note += (f"; removed from the broadcast {min(removed):.1f}-{max(removed):.1f}s after the start "
+                 f"(last message queued #{min(lasts)}-#{max(lasts)}), close {codes} once they read again")
     else:
-        value = max(d["removed"] for d in drops)
-        note = (f"{len(drops) - len(tcp)} of {len(drops)} TCP connections still open after the run; "
-                f"after reading again: last msg #{min(lasts)}-#{max(lasts)} of {total}, then close {'/'.join(codes)}")
+        value = "not dropped"
+        note += f"; once reading again they got messages up to #{min(lasts)}-#{max(lasts)} of {total}, close {codes}"
     return value, note
 
 
 async def scenario_slow(bench):
     q = bench.quick
-    readers, stalled, total, rate, size = (20, 5, 1600, 400, 900) if q else (20, 5, 6000, 400, 900)
+    readers, stalled, total, rate, size, drain = (20, 5, 1200, 400, 900, 3) if q else (20, 5, 6000, 400, 900, 5)
     chat = await bench.start_chat()
     _, token = await bench.user_token(chat.port)
-    path = f"/ws?token={token}"
-    with_stalled = await slow_run(chat, path, readers, stalled, total, rate, size)
+    with_stalled = await slow_run(chat, f"/ws?token={token}", readers, stalled, total, rate, size, drain)
     bench.procs.stop(chat)
     chat = await bench.start_chat()
     _, token = await bench.user_token(chat.port)
-    without = await slow_run(chat, f"/ws?token={token}", readers, 0, total, rate, size)
+    without = await slow_run(chat, f"/ws?token={token}", readers, 0, total, rate, size, drain)
     bench.procs.stop(chat)
     bare = await bench.start_bare()
-    bare_with = await slow_run(bare, "/ws", readers, stalled, total, rate, size)
+    bare_with = await slow_run(bare, "/ws", readers, stalled, total, rate, size, drain)
     bench.procs.stop(bare)
-    name = f"2 slow clients: {readers} readers + {stalled} stalled (4 KiB rcvbuf), {total} x {size} chars at {rate}/s"
+    name = (f"2 slow clients: {readers} readers + {stalled} that never read (4 KiB SO_RCVBUF), "
+            f"{total} messages of {size} chars at {rate}/s from a separate sender")
     t = bench.table
     ratio = with_stalled["p99"] / without["p99"]
-    t.add(name, "readers p99, no stalled (ms)", without["p99"], note=f"p50 {without['p50']:.2f} ms; {without['cpu'].note()}")
+
+    def kept_up(run):
+        if run["rate"] >= 0.95 * rate:
+            return ""
+        return f"; only {run['rate']:.0f} msgs/s got through of {rate} offered (latency is queueing)"
+
+    t.add(name, "readers p99, no stalled (ms)", without["p99"],
+          note=f"p50 {without['p50']:.1f} ms{kept_up(without)}; {without['cpu'].note()}")
     t.add(name, "readers p99, 5 stalled (ms)", with_stalled["p99"], bare_with["p99"],
           target="<= 2x no-stalled p99", result=verdict(ratio <= 2),
-          note=f"{ratio:.2f}x the no-stalled p99; p50 {with_stalled['p50']:.2f} ms; {with_stalled['cpu'].note()}")
-    t.add(name, "readers max, 5 stalled (ms)", with_stalled["max"], bare_with["max"])
-    t.add(name, "readers lost / out-of-order", f"{with_stalled['lost']} / {with_stalled['ooo']}",
+          note=f"{ratio:.2f}x the no-stalled p99; p50 {with_stalled['p50']:.1f} ms{kept_up(with_stalled)}; "
+               f"{with_stalled['cpu'].note()}")
+    t.add(name, "readers max, 5 stalled (ms)", with_stalled["max"], bare_with["max"], note=f"bare {bare_with['cpu'].note()}")
+    t.add(name, f"readers missing at +{drain}s / out-of-order", f"{with_stalled['lost']} / {with_stalled['ooo']}",
           f"{bare_with['lost']} / {bare_with['ooo']}", ratio="n/a",
-          note=f"no-stalled run: {without['lost']} / {without['ooo']}; readers closed early {with_stalled['closed']}")
-    value, note = describe_drops(with_stalled["drops"], total, rate)
-    bare_value, bare_note = describe_drops(bare_with["drops"], total, rate)
+          note=f"of {total * readers:,}; no-stalled run: {without['lost']} / {without['ooo']}; "
+               f"readers closed early {with_stalled['closed']}")
+    value, note = describe_drops(with_stalled["drops"], total)
+    bare_value, bare_note = describe_drops(bare_with["drops"], total)
     t.add(name, "stalled dropped after (s)", value, bare_value, ratio="n/a", note=f"chat: {note}")
-    t.add(name, "", "", "", ratio="n/a", note=f"bare: {bare_note} (write buffer > {BARE_WRITE_LIMIT // 1024} KiB)")
+    t.add(name, "", "", "", ratio="n/a",
+          note=f"bare: {bare_note} (drops at {BARE_WRITE_LIMIT // 1024} KiB unsent); the kernel alone absorbs ~3 MB "
+               "per stalled socket on loopback before any server sees backpressure")
 
 
 # ---------------------------------------------------------------- scenario 3: login storm
@@ -889,7 +932,8 @@ async def scenario_storm(bench):
     bare = await bench.start_bare()
     b = await storm_run(bare, "/ws", before_s, 0, None, storm=False)
     bench.procs.stop(bare)
-    name = f"3 login storm: {logins} concurrent logins, BCRYPT_ROUNDS=12"
+    name = (f"3 login storm: {logins} concurrent logins on a server with BCRYPT_ROUNDS=12, while one client "
+            "measures its websocket round trip (send, receive its own echo)")
     t = bench.table
     ratio = r["during"] / r["before"]
     t.add(name, "ws round trip p99 before (ms)", r["before"], b["before"], note=f"{r['before_n']} round trips; bare: no storm")
@@ -916,7 +960,8 @@ async def http_load(port, path, token, seconds, concurrency=8):
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = 0
-                index = head.find(b"content-length:")
+                lower = head.lower()
+                index = lower.find(b"content-length:")
                 if index >= 0:
                     length = int(head[index + 15 : head.find(b"\r\n", index)])
                 body = await reader.readexactly(length)
@@ -984,6 +1029,12 @@ async def scenario_history(bench):
 # ---------------------------------------------------------------- scenario 5: ingest
 
 
+async def until(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 async def pump(senders, listener, seconds, window, text):
     """Senders send as fast as the server takes it, at most `window` messages ahead of the listener."""
     wake = asyncio.Event()
@@ -1014,28 +1065,25 @@ async def ingest_run(server, path, senders_n, seconds, window=100, db_path=None)
     senders = await ws_connect_many(server.port, path, senders_n)
     everyone = [listener] + senders
     try:
-        await pump(senders, listener, 0.5, window, "warm up")
-        await asyncio.sleep(0.3)
+        base = listener.frames
+        warm = await pump(senders, listener, 0.5, window, "warm up")
+        await until(lambda: listener.frames - base >= warm, 5)  # the measured window starts empty
         frames_before = sum(ws.frames for ws in everyone)
         heard_before = listener.frames
         with CpuMeter([server.pid]) as cpu:
             start = time.perf_counter()
-            sent = await pump(senders, listener, seconds, window, f"ingest {bench_tag()}")
+            sent = await pump(senders, listener, seconds, window, f"ingest {TAG}")
             elapsed = time.perf_counter() - start
             heard = listener.frames - heard_before
             delivered = sum(ws.frames for ws in everyone) - frames_before
-        await asyncio.sleep(0.5)
+        await until(lambda: listener.frames - heard_before >= sent, 5)  # the last ones in flight
         stored = None
         if db_path:
-            stored = await asyncio.to_thread(count_rows, db_path, f"ingest {bench_tag()}")
+            stored = await asyncio.to_thread(count_rows, db_path, f"ingest {TAG}")
         return {"stored_rate": heard / elapsed, "delivered_rate": delivered / elapsed, "sent": sent, "stored": stored,
                 "closed": sum(1 for ws in everyone if ws.closed.done()), "cpu": cpu}
     finally:
         close_all(everyone)
-
-
-def bench_tag():
-    return TAG
 
 
 def count_rows(db_path, text):
@@ -1057,13 +1105,12 @@ async def scenario_ingest(bench):
     bare = await bench.start_bare()
     b = await ingest_run(bare, "/ws", senders, seconds)
     bench.procs.stop(bare)
-    name = f"5 ingest: {senders} senders flat out (<= 100 in flight) + 1 listener, {seconds:g}s"
+    name = f"5 ingest: {senders} senders as fast as the server takes them (<= 100 messages in flight) + 1 listener, {seconds:g} s"
     t = bench.table
     t.add(name, "messages stored/s", c["stored_rate"], b["stored_rate"],
           note=f"chat {c['cpu'].note()}; bare relays without storing")
     t.add(name, "deliveries/s (21 connections)", c["delivered_rate"], b["delivered_rate"],
-          note=f"bare {b['cpu'].note()}; all {c['sent']} sent are in the DB: {c['stored'] == c['sent']} "
-               f"({c['stored']}); closed early {c['closed']}")
+          note=f"bare {b['cpu'].note()}; stored in the DB {c['stored']} of {c['sent']} sent; closed early {c['closed']}")
 
 
 # ---------------------------------------------------------------- scenario 6: idle memory
@@ -1095,7 +1142,7 @@ async def scenario_idle(bench):
     bare = await bench.start_bare()
     b = await idle_run(bare, "/ws", count)
     bench.procs.stop(bare)
-    name = f"6 idle: {count} open websockets"
+    name = f"6 idle: server RSS (VmRSS) before and after opening {count:,} websockets"
     t = bench.table
     ratio = c["per"] / b["per"] if b["per"] > 0 else float("inf")
     t.add(name, "RSS per connection (KiB)", c["per"], b["per"], target="<= 2x bare", result=verdict(ratio <= 2),
@@ -1117,21 +1164,38 @@ async def postgres_admin(sql, url=POSTGRES_ADMIN_URL):
         await connection.close()
 
 
+async def redis_answers(url):
+    import redis.asyncio
+
+    client = redis.asyncio.from_url(url, socket_connect_timeout=2)
+    try:
+        return await asyncio.wait_for(client.ping(), 3)
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
 async def start_redis(bench):
-    """A private redis-server: chat.py publishes on the fixed channel "chat:messages", which is
-    global across Redis DB numbers, so a shared Redis would mix our traffic with other users'."""
-    override = os.environ.get("BENCH_REDIS_URL")
-    if override or not shutil.which("redis-server"):
-        return None, override or "redis://127.0.0.1:6379/5"
+    """The Redis to use and a channel of our own. chat.py publishes on BROADCAST_CHANNEL
+    (default "chat:messages"); pub/sub channels are global across Redis DB numbers, so a unique
+    channel is what keeps our traffic apart from anyone else's on a shared Redis. A chat.py
+    without that variable gets a private redis-server instead (when one is installed)."""
+    shared = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
+    supports_channel = "BROADCAST_CHANNEL" in (HERE / "chat.py").read_text()
+    if supports_channel and await redis_answers(shared):
+        return None, shared, f"shared {shared}, channel of its own"
+    if not shutil.which("redis-server"):
+        return None, shared, f"{shared} (shared channel!)"
     port = free_port()
     process = bench.procs.start("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
                                           "--appendonly", "no", "--protected-mode", "no"], cwd=bench.tmp)
     await bench.wait_tcp(process, port)
-    return process, f"redis://{HOST}:{port}/0"
+    return process, f"redis://{HOST}:{port}/0", "private redis-server"
 
 
 async def scaleout_run(processes, path_for, listeners, senders_n, seconds, window=64):
-    tag = bench_tag()
+    tag = TAG
     foreign = {"n": 0}
 
     def count_foreign(ws, payload, now):
@@ -1153,8 +1217,9 @@ async def scaleout_run(processes, path_for, listeners, senders_n, seconds, windo
         connections += senders
         probe = connections[0]  # the pump's flow control listens here
         probe.handler = None
-        await pump(senders, probe, 0.5, window, f"warm {tag}")
-        await asyncio.sleep(0.5)
+        base = probe.frames
+        warm = await pump(senders, probe, 0.5, window, f"warm {tag}")
+        await until(lambda: probe.frames - base >= warm, 5)  # the measured window starts empty
         frames_before = sum(ws.frames for ws in connections)
         heard_before = probe.frames
         with CpuMeter([p.pid for p in processes]) as cpu:
@@ -1179,27 +1244,28 @@ async def scenario_scaleout(bench):
         bench.table.add("7 scale-out", "skipped", f"PostgreSQL unavailable: {error}")
         return
     bench.postgres_databases.append(database)
-    redis_process, redis_url = await start_redis(bench)
+    redis_process, redis_url, redis_note = await start_redis(bench)
+    channel = f"chat-bench-{TAG}"
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     database_url = f"{base}/{database}"
-    a = await bench.start_chat(database_url=database_url, broadcast_url=redis_url, name="chat-pg-a")
+    a = await bench.start_chat(database_url=database_url, broadcast_url=redis_url, channel=channel, name="chat-pg-a")
     _, token = await bench.user_token(a.port)
     path_for = lambda server: f"/ws?token={token}"  # noqa: E731 - the same SECRET_KEY everywhere
     one = await scaleout_run([a], path_for, listeners, senders, seconds)
-    b = await bench.start_chat(database_url=database_url, broadcast_url=redis_url, name="chat-pg-b")
+    b = await bench.start_chat(database_url=database_url, broadcast_url=redis_url, channel=channel, name="chat-pg-b")
     two = await scaleout_run([a, b], path_for, listeners, senders, seconds)
     bench.procs.stop(b)
     bench.procs.stop(a)
     if redis_process:
         bench.procs.stop(redis_process)
-    name = f"7 scale-out, PostgreSQL + Redis: {listeners} listeners + {senders} senders flat out, {seconds:g}s"
+    name = (f"7 scale-out on PostgreSQL + Redis: {listeners} listeners + {senders} senders flat out for {seconds:g} s, "
+            "spread over one process, then two")
     t = bench.table
-    where = "private redis-server" if redis_process else redis_url
     t.add(name, "deliveries/s, 1 process", one["delivered"], note=f"{one['stored']:.0f} msgs/s stored; {one['cpu'].note()}")
     t.add(name, "deliveries/s, 2 processes", two["delivered"],
           note=f"{two['delivered'] / one['delivered']:.2f}x one process; {two['stored']:.0f} msgs/s stored; {two['cpu'].note()}")
     t.add(name, "foreign frames / closed early", f"{one['foreign'] + two['foreign']} / {one['closed'] + two['closed']}",
-          note=f"Redis: {where} (chat.py's channel name is fixed)")
+          note=f"Redis: {redis_note}; 'others' CPU includes PostgreSQL and Redis")
 
 
 # ---------------------------------------------------------------- main
@@ -1214,7 +1280,6 @@ SCENARIOS = {
     "idle": (scenario_idle, 60, 20),
     "scaleout": (scenario_scaleout, 60, 20),
 }
-TAG = secrets.token_hex(4)
 
 
 def machine_lines(bench):
@@ -1273,7 +1338,7 @@ def raise_nofile_limit(needed=8192):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a shortened run (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a shortened run (about two minutes)")
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1300,6 +1365,12 @@ def main():
         print(bench.table.render())
         print(f"\ntotal {time.monotonic() - started:.0f}s")
     finally:
+        tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in tasks:  # an interrupted scenario closes its connections in its finally blocks
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.wait(tasks, timeout=5))
         bench.procs.stop_all()
         for database in bench.postgres_databases:
             with contextlib.suppress(Exception):
