@@ -32,7 +32,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect
 
 log = logging.getLogger("chat")
 HERE = Path(__file__).resolve().parent
@@ -213,6 +213,7 @@ def decode_token(token, token_type, verify_exp=True):
             token,
             SECRET_KEY,
             algorithms=[ALGORITHM],
+            leeway=10,  # seconds of clock skew between machines
             options={"require": ["sub", "exp", "iat", "type"], "verify_exp": verify_exp},
         )
     except jwt.InvalidTokenError:
@@ -537,6 +538,9 @@ def close_client(websocket, code):
     """Take a websocket out of the broadcast; its writer sends what is queued, then closes."""
     outbox = clients.pop(websocket, None)
     if outbox is not None:
+        if code == CLOSE_TOO_SLOW:  # it catches up with after=; stale frames would only delay the close
+            while not outbox.empty():
+                outbox.get_nowait()
         outbox.put_nowait(code)
 
 
@@ -550,10 +554,10 @@ async def store_and_publish(username, text):
             return
         try:
             try:
-                await redis_client.publish(BROADCAST_CHANNEL, message["json"])
+                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, message["json"]), 2)
             except redis.ConnectionError:  # a connection from before a Redis restart fails once
-                await redis_client.publish(BROADCAST_CHANNEL, message["json"])
-        except redis.RedisError as error:
+                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, message["json"]), 2)
+        except (redis.RedisError, asyncio.TimeoutError) as error:
             log.warning("could not publish message %s to Redis (%s); delivering locally", message["id"], error)
             deliver(message)
 
@@ -727,7 +731,8 @@ async def start_service():
     """Connect and apply the schema once per event loop, whether or not a lifespan ran."""
     started = service.get("started")
     loop = asyncio.get_running_loop()
-    if started is None or started.get_loop() is not loop or (started.done() and started.exception()):
+    failed = started is not None and started.done() and (started.cancelled() or started.exception())
+    if started is None or started.get_loop() is not loop or failed:
         if started is not None and started.get_loop() is not loop:
             service.clear()
             global database
@@ -741,6 +746,8 @@ async def stop_service():
     relay = service.pop("relay", None)
     if relay:
         relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
     if service.get("redis"):
         await service.pop("redis").aclose()
     connection = service.pop("sqlite", None)
@@ -757,7 +764,7 @@ def start_on_first_use(app):
     async def asgi(scope, receive, send):
         if scope["type"] in ("http", "websocket"):
             started = service.get("started")
-            ready = started and started.done() and not started.exception()
+            ready = started and started.done() and not started.cancelled() and not started.exception()
             if not (ready and started.get_loop() is asyncio.get_running_loop()):
                 try:
                     await start_service()
@@ -809,6 +816,9 @@ def close_websockets_on_exit_signals():
     def pass_on(signum, frame):
         if callable(previous[signum]):
             previous[signum](signum, frame)
+        else:  # the default action: put it back and let the signal do what it always does
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
 
     def close_then_pass_on(signum, frame):
         def begin():
