@@ -773,6 +773,8 @@ def start_on_first_use(app):
                     if scope["type"] == "http":
                         response = JSONResponse({"detail": "The database is not answering"}, 503)
                         return await response(scope, receive, send)
+                    await receive()  # the connect event; accept so that the client really sees 1011
+                    await send({"type": "websocket.accept"})
                     return await send({"type": "websocket.close", "code": 1011})
         await app(scope, receive, send)
 

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -14,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import chat
-from conftest import register_and_login, running_server, ws_url
+from conftest import ROOT, register_and_login, running_server, ws_url
 
 
 def run(coroutine):
@@ -312,3 +314,36 @@ def test_logins_in_flight_do_not_hold_up_the_chat():
 
 def test_bcrypt_concurrency_is_bounded_below_the_core_count():
     assert chat.bcrypt_threads._max_workers <= max(1, (os.cpu_count() or 2) // 2)
+
+
+def test_an_unreachable_database_gives_503_and_websocket_1011():
+    """Start-up itself fails (a database that cannot be opened): HTTP says 503, and a websocket
+    completes its handshake and is closed with 1011, not refused with an HTTP 403."""
+    from conftest import TMP, free_port, stop_process
+
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": "sqlite+aiosqlite:////nonexistent-folder/chat.db"}
+    command = [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(port), "--lifespan", "off",
+               "--log-level", "critical"]
+    with open(TMP / f"unreachable-{port}.log", "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(base_url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server never answered"
+                time.sleep(0.1)
+        assert health.status_code == 503
+        assert health.json() == {"detail": "The database is not answering"}
+
+        async def scenario():
+            async with connect(ws_url(base_url, "any-token")) as ws:
+                assert await close_code(ws) == 1011
+
+        run(scenario())
+    finally:
+        stop_process(process)
