@@ -544,9 +544,29 @@ def close_client(websocket, code):
         outbox.put_nowait(code)
 
 
-async def store_and_publish(username, text):
-    # The lock keeps this process's messages in id order from insert to delivery.
+PUBLISH_LOCK = 4_711_002  # the PostgreSQL advisory lock every process holds from insert to publish
+
+
+@contextlib.asynccontextmanager
+async def messages_in_id_order():
+    """Held from storing a message to handing it on, so that messages leave in id order: this
+    process's lock and, when processes share PostgreSQL and Redis, one lock for them all.
+    Without it two processes' inserts can become visible, and be published, out of id order,
+    and an after= replay could then skip the lower id."""
     async with service["publish_lock"]:
+        if USES_SQLITE or "redis" not in service:
+            yield
+            return
+        async with database.connection() as connection:
+            await connection.execute(f"SELECT pg_advisory_lock({PUBLISH_LOCK})")
+            try:
+                yield
+            finally:
+                await connection.execute(f"SELECT pg_advisory_unlock({PUBLISH_LOCK})")
+
+
+async def store_and_publish(username, text):
+    async with messages_in_id_order():
         message = chat_message(await insert_message(username, text), username, text)
         redis_client = service.get("redis")
         if redis_client is None:
