@@ -132,9 +132,9 @@ async def apply_schema():
     # Processes starting together (uvicorn --workers 4) take turns: PostgreSQL's
     # CREATE ... IF NOT EXISTS fails when a twin statement runs at the same moment.
     async with database.transaction():
-        await db().execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        await database.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
         for statement in schema_statements():
-            await db().execute(statement)
+            await database.execute(statement)
 
 
 async def find_user(username):
@@ -393,13 +393,21 @@ async def logout(request):
     return JSONResponse({"message": "Logged out"})
 
 
+def whole_number(raw, minimum=0, maximum=NO_ID_LIMIT):
+    """`raw` as an int if it is plain digits within the bounds (no sign, space or '_'), else None."""
+    if not re.fullmatch(r"\d{1,19}", raw) or not minimum <= int(raw) <= maximum:
+        return None
+    return int(raw)
+
+
 def id_param(request, name, default=None, minimum=0, maximum=NO_ID_LIMIT):
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not re.fullmatch(r"\d{1,18}", raw) or not minimum <= int(raw) <= maximum:
+    value = whole_number(raw, minimum, maximum)
+    if value is None:
         raise HTTPException(400, f"Query parameter '{name}' must be a whole number from {minimum} to {maximum}")
-    return int(raw)
+    return value
 
 
 async def list_messages(request):
@@ -535,10 +543,11 @@ def deliver(message):
 
 
 def close_client(websocket, code):
-    """Take a websocket out of the broadcast; its writer sends what is queued, then closes."""
+    """Take a websocket out of the broadcast; its writer sends what is queued, then closes
+    (a client closed as too slow gets no more frames: it catches up with after=)."""
     outbox = clients.pop(websocket, None)
     if outbox is not None:
-        if code == CLOSE_TOO_SLOW:  # it catches up with after=; stale frames would only delay the close
+        if code == CLOSE_TOO_SLOW:
             while not outbox.empty():
                 outbox.get_nowait()
         outbox.put_nowait(code)
@@ -612,13 +621,6 @@ async def relay_from_redis(redis_client, last_relayed_id, subscribed):
             await asyncio.sleep(1)
 
 
-def query_id(websocket, name):
-    raw = websocket.query_params.get(name)
-    if raw is None:
-        return None
-    return int(raw) if re.fullmatch(r"\d{1,18}", raw) else -1
-
-
 async def replay(websocket, after, as_json):
     """Send every stored message newer than `after`; returns the last id sent."""
     while rows := await fetch_messages(500, after=after):
@@ -665,8 +667,9 @@ async def read_frames(websocket, username):
 
 async def chat_socket(websocket):
     claims = decode_token(websocket.query_params.get("token"), "access")
-    as_json = websocket.query_params.get("format") == "json"
-    after = query_id(websocket, "after")
+    frame_format = websocket.query_params.get("format")
+    raw_after = websocket.query_params.get("after")
+    after = None if raw_after is None else whole_number(raw_after)
     outbox = asyncio.Queue()
     if claims:
         clients[websocket] = outbox  # before the handshake: a connected client misses nothing
@@ -678,9 +681,10 @@ async def chat_socket(websocket):
         if not user:
             await websocket.close(1008, "Invalid or expired token")
             return
-        if websocket.query_params.get("format", "json") != "json" or after == -1:
+        if frame_format not in (None, "json") or (raw_after is not None and after is None):
             await websocket.close(1008, "format must be json and after a message id")
             return
+        as_json = frame_format == "json"
         replayed_through = await replay(websocket, after, as_json) if after is not None else 0
         writer = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
         code = await read_frames(websocket, user["username"])

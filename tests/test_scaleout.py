@@ -262,6 +262,17 @@ async def send_all(client, texts, echo_seconds=10):
         await client.wait_for([text], echo_seconds)
 
 
+async def everyone_sends(clients, count):
+    """Once all are in step, each client sends `count` messages at the same time as the others;
+    returns every text sent, once every client has received every one of them."""
+    await in_step(clients)
+    sent = [[f"{client.name} says {n} {secrets.token_hex(3)}" for n in range(count)] for client in clients]
+    await asyncio.gather(*(send_all(client, texts) for client, texts in zip(clients, sent)))
+    everything = [text for texts in sent for text in texts]
+    await everyone_gets(clients, everything)
+    return everything
+
+
 def assert_in_id_order(client):
     """A client receives messages in id order, whichever process stored them: every process
     stores and publishes under one PostgreSQL advisory lock, and Redis keeps publish order."""
@@ -285,12 +296,7 @@ def test_two_processes_share_one_database_and_one_redis(shared_database, shared_
             async def scenario():
                 clients = [await Client.open(f"{name}@{'AB'[places[i] == url_b]}", places[i], tokens["access_token"], start)
                            for i, (name, tokens) in enumerate(users)]
-                await in_step(clients)
-                sent = {client.name: [f"{client.name} says {n} {secrets.token_hex(3)}" for n in range(3)]
-                        for client in clients}
-                await asyncio.gather(*(send_all(client, sent[client.name]) for client in clients))
-                everything = [text for texts in sent.values() for text in texts]
-                await everyone_gets(clients, everything)
+                everything = await everyone_sends(clients, 3)
                 for client in clients:
                     assert_in_id_order(client)
                 frames = clients[0].frames
@@ -342,12 +348,7 @@ def test_four_workers_share_one_database_and_one_redis(new_database, shared_redi
                     clients.append(await Client.open(f"{name}#{len(clients)}", url, tokens["access_token"], start))
                 workers = worker_pids(port, clients)
                 assert len(workers - {None}) >= 2 and process.pid not in workers, f"{len(clients)} clients all on one worker: {workers}"
-                await in_step(clients)
-                sent = {client.name: [f"{client.name} says {n} {secrets.token_hex(3)}" for n in range(2)]
-                        for client in clients}
-                await asyncio.gather(*(send_all(client, sent[client.name]) for client in clients))
-                everything = [text for texts in sent.values() for text in texts]
-                await everyone_gets(clients, everything)
+                everything = await everyone_sends(clients, 2)
                 await asyncio.gather(*(client.close() for client in clients))
                 return everything
 
