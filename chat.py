@@ -5,12 +5,15 @@ Everything is configured through environment variables (see the README).
 """
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
 import gc
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -23,13 +26,16 @@ from pathlib import Path
 import bcrypt
 import databases
 import jwt
+import limits
+import limits.aio.storage
+import limits.aio.strategies
 import redis.asyncio
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
 from starlette.websockets import WebSocketDisconnect
@@ -39,6 +45,23 @@ HERE = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------- configuration
+
+TOKEN_IN_URL = re.compile(r"(token=)[^&\s\"']+")
+
+
+def hide_tokens(record):
+    """Logging filter: `?token=<value>` (and `access_token=`, `refresh_token=`) becomes `token=***`.
+    Uvicorn logs websocket URLs through uvicorn.error as well as its access log."""
+    if isinstance(record.msg, str):
+        record.msg = TOKEN_IN_URL.sub(r"\1***", record.msg)
+    if isinstance(record.args, tuple):
+        record.args = tuple(TOKEN_IN_URL.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args)
+    return True
+
+
+for logger_name in ("uvicorn.access", "uvicorn.error", "chat"):
+    logging.getLogger(logger_name).addFilter(hide_tokens)
+
 
 
 def config_error(message):
@@ -71,6 +94,23 @@ ACCESS_TOKEN_EXPIRE_MINUTES = env_int("ACCESS_TOKEN_EXPIRE_MINUTES", 15, 1, 525_
 REFRESH_TOKEN_EXPIRE_DAYS = env_int("REFRESH_TOKEN_EXPIRE_DAYS", 7, 1, 3650)
 BCRYPT_ROUNDS = env_int("BCRYPT_ROUNDS", 12, 4, 31)
 
+
+def env_limit(name, default):
+    """A rate limit in the `limits` library's notation ("10 per 15 minutes"), or None for "0"/"off"."""
+    raw = os.environ.get(name, "").strip() or default
+    if raw.lower() in ("0", "off"):
+        return None
+    try:
+        return limits.parse(raw)
+    except ValueError:
+        config_error(f"{name} must be a limit such as '10 per 15 minutes', or 'off', not {raw!r}")
+
+
+LOGIN_LIMIT = env_limit("LOGIN_LIMIT", "10 per 15 minutes")  # failed logins per (username, address)
+REGISTER_LIMIT = env_limit("REGISTER_LIMIT", "20 per hour")  # registrations per address
+MESSAGE_LIMIT = env_limit("MESSAGE_LIMIT", "30 per 10 seconds")  # messages per user, all sockets
+MAX_SOCKETS_PER_USER = env_int("MAX_SOCKETS_PER_USER", 10, 0, 1_000_000)  # in one process; 0: no limit
+
 DATABASE_URL = os.environ.get("DATABASE_URL", "").strip() or "sqlite+aiosqlite:///./chat.db"
 DATABASE_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"}
 if DATABASE_URL.partition("://")[0] not in DATABASE_SCHEMES:
@@ -88,6 +128,9 @@ MAX_MESSAGE_CHARS = 1000
 WS_MAX_FRAME_BYTES = 64 * 1024  # for uvicorn's --ws-max-size: no frame may be bigger than this
 OUTBOX_LIMIT = 256  # frames queued for one websocket before it counts as too slow
 CLOSE_TOO_SLOW = 1013  # "try again later": reconnect with ?after=<last id> to catch up
+CLOSE_TOKEN_EXPIRED = 4001  # refresh the access token, then reconnect with ?after=<last id>
+CLOSE_TOO_MANY = 4429  # past MESSAGE_LIMIT or MAX_SOCKETS_PER_USER: wait, then reconnect
+CLOSE_REASONS = {CLOSE_TOO_SLOW: "Too slow", CLOSE_TOKEN_EXPIRED: "Token expired", CLOSE_TOO_MANY: "Too many messages"}
 BROADCAST_CHANNEL = os.environ.get("BROADCAST_CHANNEL", "").strip() or "chat:messages"
 
 
@@ -173,6 +216,8 @@ async def fetch_messages(limit, before=None, after=None):
 
 # ---------------------------------------------------------------- passwords and tokens
 
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+
 # Hashing runs in these threads, never on the event loop; a login storm queues here
 # instead of taking every core from the websockets.
 bcrypt_threads = concurrent.futures.ThreadPoolExecutor(
@@ -194,6 +239,18 @@ def password_matches(password, password_hash):
 
 # Checked when the user does not exist, so that an unknown name costs as long as a wrong password.
 DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+async def check_password(username, password):
+    """The user's row if the password is theirs, else None, in about the same time either way."""
+    # A name registration refuses cannot exist: don't look it up (PostgreSQL rejects a NUL in
+    # any text), but still check a hash below, so that it costs as long as a wrong password.
+    user = await find_user(username) if USERNAME_PATTERN.fullmatch(username) else None
+    usable = len(password.encode()) <= 72  # bcrypt refuses longer ones, so no account has one
+    matches = await in_bcrypt_thread(
+        password_matches, password if usable else "", user["password"] if user else DUMMY_PASSWORD_HASH
+    )
+    return user if user and usable and matches else None
 
 
 def make_token(username, token_type, lifetime_seconds, jti=None):
@@ -256,10 +313,84 @@ def bearer_user(request):
     return claims["sub"]
 
 
+# ---------------------------------------------------------------- limits against abuse
+
+# Sliding-window counters from the `limits` library: O(1) per key, and close to a true moving
+# window (the previous window's count is weighted by how much of it is still in view).
+REDIS_LIMITS_RETRY_SECONDS = 5  # while Redis is away, count in memory and try it again after this
+
+
+def new_limiters():
+    """The limiters of one event loop: in memory, and in Redis when BROADCAST_URL is set, so that
+    N processes allow what one does."""
+    limiters = {"memory": limits.aio.strategies.SlidingWindowCounterRateLimiter(limits.aio.storage.MemoryStorage())}
+    if BROADCAST_URL:
+        storage = limits.aio.storage.RedisStorage(
+            "async+" + BROADCAST_URL, implementation="redispy", key_prefix=f"chat-limits:{BROADCAST_CHANNEL}",
+            socket_connect_timeout=1, socket_timeout=1,
+        )
+        limiters["redis"] = limits.aio.strategies.SlidingWindowCounterRateLimiter(storage)
+    return limiters
+
+
+async def count(use):
+    """`use(limiter)` in Redis when there is one, else (and while Redis is away) in this process."""
+    limiters = service["limiters"]
+    if "redis" in limiters and time.monotonic() >= service.get("redis_limits_retry_at", 0):
+        try:
+            return await asyncio.wait_for(use(limiters["redis"]), 2)
+        except Exception as error:
+            log.warning("rate limits: Redis is not answering (%s); counting in this process meanwhile", error)
+            service["redis_limits_retry_at"] = time.monotonic() + REDIS_LIMITS_RETRY_SECONDS
+    return await use(limiters["memory"])
+
+
+async def too_many_attempts(item, *keys):
+    """A 429 that says when the window for these keys lets one through again."""
+    stats = await count(lambda limiter: limiter.get_window_stats(item, *keys))
+    seconds = max(1, math.ceil(stats.reset_time - time.time()))
+    return HTTPException(
+        429, f"Too many attempts; try again in {seconds} seconds", headers={"Retry-After": str(seconds)}
+    )
+
+
+async def take_attempt(item, *keys):
+    """Count one attempt against `item`, or raise a 429 (which counts nothing) when none is left."""
+    if item and not await count(lambda limiter: limiter.hit(item, *keys)):
+        raise await too_many_attempts(item, *keys)
+
+
+def client_address(request):
+    """The peer's address; uvicorn --proxy-headers puts a trusted proxy's forwarded one here."""
+    return request.client.host if request.client else "unknown"
+
+
+# Logins of a (name, address) pair being checked right now, so that a burst of concurrent
+# guesses cannot all pass the limit before the first failure is counted.
+logins_in_flight = collections.Counter()
+
+
+@contextlib.asynccontextmanager
+async def login_attempt(username, address):
+    """Refuse with a 429 when the pair has no failed login left; yields a function that counts a failure."""
+    pair = ("login", username.lower() if USERNAME_PATTERN.fullmatch(username) else "*", address)
+    logins_in_flight[pair] += 1
+    try:
+        if LOGIN_LIMIT and not await count(lambda limiter: limiter.test(LOGIN_LIMIT, *pair, cost=logins_in_flight[pair])):
+            raise await too_many_attempts(LOGIN_LIMIT, *pair)
+
+        async def count_failure():
+            if LOGIN_LIMIT:
+                await count(lambda limiter: limiter.hit(LOGIN_LIMIT, *pair))
+
+        yield count_failure
+    finally:
+        logins_in_flight[pair] -= 1
+        if not logins_in_flight[pair]:
+            del logins_in_flight[pair]
+
+
 # ---------------------------------------------------------------- HTTP routes
-
-USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,20}")
-
 
 async def read_fields(request, *names):
     """The named string fields of a JSON object body, or a 400 that says what is wrong."""
@@ -300,7 +431,9 @@ async def register(request):
       200: {description: Registered, content: {application/json: {schema: {$ref: '#/components/schemas/Message'}}}}
       400: {$ref: '#/components/responses/Error'}
       413: {$ref: '#/components/responses/Error'}
+      429: {$ref: '#/components/responses/Error'}
     """
+    await take_attempt(REGISTER_LIMIT, "register", client_address(request))
     username, password = await read_fields(request, "username", "password")
     check_new_account(username, password)
     if await find_user(username):
@@ -327,17 +460,14 @@ async def login(request):
       400: {$ref: '#/components/responses/Error'}
       401: {$ref: '#/components/responses/Error'}
       413: {$ref: '#/components/responses/Error'}
+      429: {$ref: '#/components/responses/Error'}
     """
     username, password = await read_fields(request, "username", "password")
-    # A name registration refuses cannot exist: don't look it up (PostgreSQL rejects a NUL in
-    # any text), but still check a hash below, so that it costs as long as a wrong password.
-    user = await find_user(username) if USERNAME_PATTERN.fullmatch(username) else None
-    usable = len(password.encode()) <= 72  # bcrypt refuses longer ones, so no account has one
-    matches = await in_bcrypt_thread(
-        password_matches, password if usable else "", user["password"] if user else DUMMY_PASSWORD_HASH
-    )
-    if not (user and usable and matches):
-        raise HTTPException(401, "Invalid username or password")
+    async with login_attempt(username, client_address(request)) as count_failure:
+        user = await check_password(username, password)
+        if user is None:
+            await count_failure()
+            raise HTTPException(401, "Invalid username or password")
     await forget_expired_refresh_tokens()
     return JSONResponse(await issue_tokens(user["username"]))
 
@@ -444,8 +574,30 @@ async def health(request):
     return JSONResponse({"status": "ok"})
 
 
+def inline_hashes(page, tag):
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'" for block in blocks)
+
+
+def page_headers(page):
+    """The page may run only its own inline script and style (by hash), talk only to its own
+    origin, and never be framed, sniffed, or named in a Referer."""
+    policy = (
+        f"default-src 'none'; script-src {inline_hashes(page, 'script')}; style-src {inline_hashes(page, 'style')}; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-cache",
+    }
+
+
 async def web_client(request):
-    return FileResponse(HERE / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+    page = (HERE / "index.html").read_text()
+    return HTMLResponse(page, headers=page_headers(page))
 
 
 schemas = SchemaGenerator(
@@ -637,7 +789,7 @@ async def send_outbox(websocket, outbox, as_json, replayed_through):
         while True:
             item = await outbox.get()
             if isinstance(item, int):
-                await websocket.close(item)
+                await websocket.close(item, CLOSE_REASONS.get(item))
                 return
             if item["id"] > replayed_through:  # queued during the replay and already sent by it
                 await websocket.send_text(item["json"] if as_json else item["line"])
@@ -656,8 +808,10 @@ async def read_frames(websocket, username):
             return 1003  # binary frames are not chat
         if len(text) > MAX_MESSAGE_CHARS:
             return 1009
-        if not text.strip() or "\x00" in text:
+        if not text.strip() or "\x00" in text or websocket not in clients:  # not ignored: closing
             continue
+        if MESSAGE_LIMIT and not await count(lambda limiter: limiter.hit(MESSAGE_LIMIT, "message", username)):
+            return CLOSE_TOO_MANY
         try:
             await store_and_publish(username, text)
         except Exception:
@@ -665,18 +819,31 @@ async def read_frames(websocket, username):
             return 1011
 
 
+def socket_token(websocket):
+    """The access token offered as the subprotocol `bearer.<token>` (which keeps it out of URLs
+    and logs), else the one in ?token=."""
+    for protocol in websocket.scope.get("subprotocols", []):
+        if protocol.startswith("bearer."):
+            return protocol.removeprefix("bearer.")
+    return websocket.query_params.get("token")
+
+
+# Open websockets per user in this process, for MAX_SOCKETS_PER_USER.
+sockets_per_user = collections.Counter()
+
+
 async def chat_socket(websocket):
-    claims = decode_token(websocket.query_params.get("token"), "access")
+    claims = decode_token(socket_token(websocket), "access")
     frame_format = websocket.query_params.get("format")
     raw_after = websocket.query_params.get("after")
     after = None if raw_after is None else whole_number(raw_after)
     outbox = asyncio.Queue()
     if claims:
         clients[websocket] = outbox  # before the handshake: a connected client misses nothing
-    writer = None
+    writer = expiry = username = None
     try:
         # Accept before judging the token: a close before accept reaches the client as HTTP 403.
-        await websocket.accept()
+        await websocket.accept("chat" if "chat" in websocket.scope.get("subprotocols", []) else None)
         user = claims and await find_user(claims["sub"])
         if not user:
             await websocket.close(1008, "Invalid or expired token")
@@ -684,10 +851,19 @@ async def chat_socket(websocket):
         if frame_format not in (None, "json") or (raw_after is not None and after is None):
             await websocket.close(1008, "format must be json and after a message id")
             return
+        if MAX_SOCKETS_PER_USER and sockets_per_user[user["username"]] >= MAX_SOCKETS_PER_USER:
+            await websocket.close(CLOSE_TOO_MANY, "Too many connections")
+            return
+        username = user["username"]
+        sockets_per_user[username] += 1
+        # A socket lives no longer than the token it was opened with.
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, claims["exp"] - time.time()), close_client, websocket, CLOSE_TOKEN_EXPIRED
+        )
         as_json = frame_format == "json"
         replayed_through = await replay(websocket, after, as_json) if after is not None else 0
         writer = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
-        code = await read_frames(websocket, user["username"])
+        code = await read_frames(websocket, username)
         if code is not None:
             close_client(websocket, code)
             await writer
@@ -697,6 +873,12 @@ async def chat_socket(websocket):
         clients.pop(websocket, None)
         if writer is not None:
             writer.cancel()
+        if expiry is not None:
+            expiry.cancel()
+        if username is not None:
+            sockets_per_user[username] -= 1
+            if not sockets_per_user[username]:
+                del sockets_per_user[username]
 
 
 async def close_all_websockets(code, wait_seconds=2.0):
@@ -728,6 +910,7 @@ async def set_up_service():
         await connection.execute("PRAGMA synchronous=NORMAL")
     await apply_schema()
     service["publish_lock"] = asyncio.Lock()
+    service["limiters"] = new_limiters()
     if BROADCAST_URL:
         last_id = await db().fetch_val("SELECT coalesce(max(id), 0) FROM messages")
         service["redis"] = redis.asyncio.from_url(BROADCAST_URL, socket_connect_timeout=2)

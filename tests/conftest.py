@@ -61,6 +61,12 @@ os.environ.update(
     DATABASE_URL=DATABASE_URL,
     SECRET_KEY="test-" + secrets.token_urlsafe(32),
     BCRYPT_ROUNDS="4",
+    # Limits against abuse are on by default; tests that are not about them turn them off here.
+    # Tests of the limits pass their own values to running_server(env=...).
+    LOGIN_LIMIT="off",
+    REGISTER_LIMIT="off",
+    MESSAGE_LIMIT="off",
+    MAX_SOCKETS_PER_USER="0",
 )
 os.environ.pop("BROADCAST_URL", None)
 
