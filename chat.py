@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import gc
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ import redis.asyncio
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse
@@ -124,13 +126,24 @@ if BROADCAST_URL and BROADCAST_URL.partition("://")[0] not in {"redis", "rediss"
 CORS_ORIGINS = [o.strip() for o in os.environ.get("CORS_ORIGINS", "*").split(",") if o.strip()]
 
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_SECONDS = 10  # a request body must arrive whole within this time
 MAX_MESSAGE_CHARS = 1000
+# Dropped from messages: C0 controls but tab and newline, DEL, C1 controls, and the invisible
+# characters that reorder or hide text (bidirectional embeddings, overrides, isolates and marks;
+# zero-width space, word joiner, BOM). Zero-width (non-)joiners stay: emoji and Persian need them.
+UNSAFE_CHARACTERS = re.compile("[\x01-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 WS_MAX_FRAME_BYTES = 64 * 1024  # for uvicorn's --ws-max-size: no frame may be bigger than this
 OUTBOX_LIMIT = 256  # frames queued for one websocket before it counts as too slow
 CLOSE_TOO_SLOW = 1013  # "try again later": reconnect with ?after=<last id> to catch up
 CLOSE_TOKEN_EXPIRED = 4001  # refresh the access token, then reconnect with ?after=<last id>
 CLOSE_TOO_MANY = 4429  # past MESSAGE_LIMIT or MAX_SOCKETS_PER_USER: wait, then reconnect
-CLOSE_REASONS = {CLOSE_TOO_SLOW: "Too slow", CLOSE_TOKEN_EXPIRED: "Token expired", CLOSE_TOO_MANY: "Too many messages"}
+REPLAY_LIMIT = 10_000  # messages one after= replay sends; past it: 1013, then page with GET /auth/messages
+REPLAY_SEND_SECONDS = 10  # a replaying client that takes longer than this for one frame is too slow
+CLOSE_REASONS = {
+    CLOSE_TOO_SLOW: "Too far behind: reconnect with after=<last id>",
+    CLOSE_TOKEN_EXPIRED: "Token expired",
+    CLOSE_TOO_MANY: "Too many messages",
+}
 BROADCAST_CHANNEL = os.environ.get("BROADCAST_CHANNEL", "").strip() or "chat:messages"
 
 
@@ -166,11 +179,33 @@ def db():
     return service.get("sqlite") or database
 
 
+# A name's look-alike skeleton: `AIice` (capital i), `al1ce` and `alice` are one name, and so
+# are `b0b` and `bob`. Registration refuses a name whose skeleton is taken.
+NAME_SKELETON = "replace(replace(lower(replace(username, 'I', 'l')), '1', 'l'), '0', 'o')"
+
+
+def name_skeleton(username):
+    return username.replace("I", "l").lower().replace("1", "l").replace("0", "o")
+
+
+async def index_name_skeletons(connection):
+    """The unique index that makes look-alike names impossible even between concurrent
+    registrations; a database that already holds look-alikes keeps them, and a warning says so."""
+    clash = await connection.fetch_val(
+        f"SELECT {NAME_SKELETON} FROM users GROUP BY {NAME_SKELETON} HAVING count(*) > 1 LIMIT 1"
+    )
+    if clash is not None:
+        log.warning("users already holds look-alike names (e.g. skeleton %r): their index is not created", clash)
+        return
+    await connection.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS users_name_skeleton ON users ({NAME_SKELETON})")
+
+
 async def apply_schema():
     if USES_SQLITE:
         await db().execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
         for statement in schema_statements():
             await db().execute(statement)
+        await index_name_skeletons(db())
         return
     # Processes starting together (uvicorn --workers 4) take turns: PostgreSQL's
     # CREATE ... IF NOT EXISTS fails when a twin statement runs at the same moment.
@@ -178,12 +213,19 @@ async def apply_schema():
         await database.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
         for statement in schema_statements():
             await database.execute(statement)
+        await index_name_skeletons(database)
 
 
 async def find_user(username):
     return await db().fetch_one(
         "SELECT username, password FROM users WHERE lower(username) = lower(:username)",
         {"username": username},
+    )
+
+
+async def name_taken_by_look_alike(username):
+    return await db().fetch_val(
+        f"SELECT 1 FROM users WHERE {NAME_SKELETON} = :skeleton", {"skeleton": name_skeleton(username)}
     )
 
 
@@ -246,7 +288,7 @@ async def check_password(username, password):
     # A name registration refuses cannot exist: don't look it up (PostgreSQL rejects a NUL in
     # any text), but still check a hash below, so that it costs as long as a wrong password.
     user = await find_user(username) if USERNAME_PATTERN.fullmatch(username) else None
-    usable = len(password.encode()) <= 72  # bcrypt refuses longer ones, so no account has one
+    usable = len(password.encode()) <= 72 and "\x00" not in password  # no account can have such a one
     matches = await in_bcrypt_thread(
         password_matches, password if usable else "", user["password"] if user else DUMMY_PASSWORD_HASH
     )
@@ -296,6 +338,16 @@ async def issue_tokens(username):
         "refresh_token": refresh_token,
         "token_type": "bearer",
     }
+
+
+# Presenting a refresh token again within this many seconds of its exchange is a plain 401 that
+# revokes nothing: two tabs or a retrying client racing with one token are not a thief.
+REFRESH_REUSE_GRACE_SECONDS = 5
+LOGGED_OUT = 1  # refresh_tokens.used: 0 unused, 1 revoked by logout, else the unix time of its exchange
+
+
+async def revoke_refresh_tokens(username):
+    await db().execute("DELETE FROM refresh_tokens WHERE username = :username", {"username": username})
 
 
 async def forget_expired_refresh_tokens():
@@ -421,6 +473,8 @@ def check_new_account(username, password):
         raise HTTPException(400, "Password must be at least 8 characters")
     if len(password.encode()) > 72:
         raise HTTPException(400, "Password must be at most 72 bytes in UTF-8 (bcrypt's limit)")
+    if "\x00" in password:  # bcrypt stops at NUL: "abcdefgh\0xyz" would match "abcdefgh"
+        raise HTTPException(400, "Password must not contain a NUL character")
 
 
 async def register(request):
@@ -438,6 +492,8 @@ async def register(request):
     check_new_account(username, password)
     if await find_user(username):
         raise HTTPException(400, "Username already exists")
+    if await name_taken_by_look_alike(username):
+        raise HTTPException(400, "Username is too like an existing one (I, l and 1 look alike, and so do O and 0)")
     password_hash = await in_bcrypt_thread(hash_password, password)
     try:
         await db().execute(
@@ -445,7 +501,7 @@ async def register(request):
             {"username": username, "password": password_hash},
         )
     except Exception:
-        if await find_user(username):  # a concurrent registration of the same name won
+        if await find_user(username) or await name_taken_by_look_alike(username):  # a concurrent one won
             raise HTTPException(400, "Username already exists")
         raise
     return JSONResponse({"message": "Registration successful"})
@@ -488,19 +544,17 @@ async def refresh(request):
     if claims is None:
         raise invalid
     # One atomic update: of two concurrent refreshes with one token, exactly one gets the row.
+    now = int(time.time())
     owner = await db().fetch_val(
-        "UPDATE refresh_tokens SET used = 1 WHERE jti = :jti AND used = 0 RETURNING username",
-        {"jti": claims["jti"]},
+        "UPDATE refresh_tokens SET used = :now WHERE jti = :jti AND used = 0 RETURNING username",
+        {"jti": claims["jti"], "now": now},
     )
     if owner is None:
-        used = await db().fetch_val(
-            "SELECT username FROM refresh_tokens WHERE jti = :jti", {"jti": claims["jti"]}
-        )
-        if used is not None:  # a used token shown again: someone holds a stolen copy
-            log.warning("refresh token reused for %r: revoking all of its refresh tokens", used)
-            await db().execute(
-                "DELETE FROM refresh_tokens WHERE username = :username", {"username": used}
-            )
+        row = await db().fetch_one("SELECT username, used FROM refresh_tokens WHERE jti = :jti", {"jti": claims["jti"]})
+        if row is not None and now - row["used"] >= REFRESH_REUSE_GRACE_SECONDS:
+            # A used or logged-out token shown again: someone holds a stolen copy.
+            log.warning("refresh token reused for %r: revoking all of its refresh tokens", row["username"])
+            await revoke_refresh_tokens(row["username"])
         raise invalid
     return JSONResponse(await issue_tokens(owner))
 
@@ -519,7 +573,20 @@ async def logout(request):
     claims = decode_token(token, "refresh", verify_exp=False)
     if claims is None:
         raise HTTPException(401, "Invalid refresh token", headers={"WWW-Authenticate": "Bearer"})
-    await db().execute("DELETE FROM refresh_tokens WHERE jti = :jti", {"jti": claims["jti"]})
+    # The row stays, marked, so that showing this token again later counts as reuse (theft).
+    revoked = await db().fetch_val(
+        "UPDATE refresh_tokens SET used = :logged_out WHERE jti = :jti AND used = 0 RETURNING username",
+        {"jti": claims["jti"], "logged_out": LOGGED_OUT},
+    )
+    if revoked is None:
+        # Logging out with a token already exchanged ends all of that user's sessions' tokens
+        # (RFC 9700 4.14): its successors may be in a thief's hands.
+        exchanged_by = await db().fetch_val(
+            "SELECT username FROM refresh_tokens WHERE jti = :jti AND used > :logged_out",
+            {"jti": claims["jti"], "logged_out": LOGGED_OUT},
+        )
+        if exchanged_by is not None:
+            await revoke_refresh_tokens(exchanged_by)
     return JSONResponse({"message": "Logged out"})
 
 
@@ -661,7 +728,10 @@ schemas = SchemaGenerator(
 
 
 async def openapi_schema(request):
-    return JSONResponse(schemas.get_schema(routes=routes))
+    schema = schemas.get_schema(routes=routes)
+    if request.scope.get("root_path"):  # mounted under a prefix: the paths are relative to it
+        schema = {**schema, "servers": [{"url": request.scope["root_path"]}]}
+    return JSONResponse(schema)
 
 
 # ---------------------------------------------------------------- websocket registry and routes
@@ -726,6 +796,31 @@ async def messages_in_id_order():
                 await connection.execute(f"SELECT pg_advisory_unlock({PUBLISH_LOCK})")
 
 
+def channel_signature(payload):
+    # The key is derived from SECRET_KEY, so only processes that can sign tokens can publish.
+    key = hmac.new(SECRET_KEY.encode(), b"chat broadcast channel", hashlib.sha256).digest()
+    return hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
+
+
+def signed(payload):
+    """What a process publishes: an HMAC of the message, a space, the message's JSON."""
+    return channel_signature(payload.encode()) + b" " + payload.encode()
+
+
+def verified_message(data):
+    """The message in a payload from the Redis channel if its signature holds, else None
+    (with a warning at most once a minute: anyone who can publish there could flood the log)."""
+    signature, _, payload = data.partition(b" ")
+    if hmac.compare_digest(signature, channel_signature(payload)):
+        with contextlib.suppress(ValueError, TypeError):
+            fields = json.loads(payload)
+            return chat_message(fields["id"], fields["username"], fields["text"])
+    if time.monotonic() >= service.get("forgery_warned_at", -60) + 60:
+        service["forgery_warned_at"] = time.monotonic()
+        log.warning("dropped a message on the Redis channel %r that was not signed with this SECRET_KEY", BROADCAST_CHANNEL)
+    return None
+
+
 async def store_and_publish(username, text):
     async with messages_in_id_order():
         message = chat_message(await insert_message(username, text), username, text)
@@ -733,11 +828,12 @@ async def store_and_publish(username, text):
         if redis_client is None:
             deliver(message)
             return
+        payload = signed(message["json"])
         try:
             try:
-                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, message["json"]), 2)
+                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, payload), 2)
             except redis.ConnectionError:  # a connection from before a Redis restart fails once
-                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, message["json"]), 2)
+                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, payload), 2)
         except (redis.RedisError, asyncio.TimeoutError) as error:
             log.warning("could not publish message %s to Redis (%s); delivering locally", message["id"], error)
             deliver(message)
@@ -760,8 +856,7 @@ async def relay_from_redis(redis_client, last_relayed_id, subscribed):
                         last_relayed_id = rows[-1]["id"]
                     lost = False
                 async for item in pubsub.listen():
-                    if item["type"] == "message":
-                        message = chat_message(**json.loads(item["data"]))
+                    if item["type"] == "message" and (message := verified_message(item["data"])):
                         last_relayed_id = max(last_relayed_id, message["id"])
                         deliver(message)
         except asyncio.CancelledError:
@@ -774,11 +869,20 @@ async def relay_from_redis(redis_client, last_relayed_id, subscribed):
 
 
 async def replay(websocket, after, as_json):
-    """Send every stored message newer than `after`; returns the last id sent."""
+    """Send the stored messages newer than `after`; returns the last id sent. Returns None for a
+    client to close as too far behind: one that takes more than REPLAY_SEND_SECONDS to take a frame,
+    or that asked for more than REPLAY_LIMIT messages (it reconnects with after=, or pages)."""
+    sent = 0
     while rows := await fetch_messages(500, after=after):
         for row in rows:
             message = chat_message(**row)
-            await websocket.send_text(message["json"] if as_json else message["line"])
+            if sent == REPLAY_LIMIT:
+                return None
+            try:
+                await asyncio.wait_for(websocket.send_text(message["json"] if as_json else message["line"]), REPLAY_SEND_SECONDS)
+            except asyncio.TimeoutError:
+                return None
+            sent += 1
         after = rows[-1]["id"]
     return after
 
@@ -791,7 +895,7 @@ async def send_outbox(websocket, outbox, as_json, replayed_through):
             if isinstance(item, int):
                 await websocket.close(item, CLOSE_REASONS.get(item))
                 return
-            if item["id"] > replayed_through:  # queued during the replay and already sent by it
+            if item["id"] > (replayed_through or 0):  # queued during the replay and already sent by it
                 await websocket.send_text(item["json"] if as_json else item["line"])
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client is gone, or closed first
@@ -808,7 +912,10 @@ async def read_frames(websocket, username):
             return 1003  # binary frames are not chat
         if len(text) > MAX_MESSAGE_CHARS:
             return 1009
-        if not text.strip() or "\x00" in text or websocket not in clients:  # not ignored: closing
+        if "\x00" in text:
+            continue
+        text = UNSAFE_CHARACTERS.sub("", text)
+        if not text.strip() or websocket not in clients:  # not in clients: it is being closed
             continue
         if MESSAGE_LIMIT and not await count(lambda limiter: limiter.hit(MESSAGE_LIMIT, "message", username)):
             return CLOSE_TOO_MANY
@@ -862,6 +969,8 @@ async def chat_socket(websocket):
         )
         as_json = frame_format == "json"
         replayed_through = await replay(websocket, after, as_json) if after is not None else 0
+        if replayed_through is None:
+            close_client(websocket, CLOSE_TOO_SLOW)
         writer = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
         code = await read_frames(websocket, username)
         if code is not None:
@@ -989,7 +1098,8 @@ def start_on_first_use(app):
 
 
 def limit_body_size(app):
-    """Middleware: a request body over MAX_BODY_BYTES gets a 413, however it is sent."""
+    """Middleware: a request body over MAX_BODY_BYTES gets a 413, however it is sent, and one
+    that takes over BODY_TIMEOUT_SECONDS to arrive gets a 408 (a slow-body attack holds nothing)."""
 
     async def asgi(scope, receive, send):
         if scope["type"] != "http":
@@ -999,16 +1109,23 @@ def limit_body_size(app):
             response = JSONResponse({"detail": "Request body is larger than 64 KiB"}, 413)
             return await response(scope, receive, send)
         received = 0
+        deadline = time.monotonic() + BODY_TIMEOUT_SECONDS
 
         async def counting_receive():
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, "Request body took too long to arrive")
             received += len(message.get("body", b""))
             if received > MAX_BODY_BYTES:
                 raise HTTPException(413, "Request body is larger than 64 KiB")
             return message
 
-        await app(scope, counting_receive, send)
+        try:
+            await app(scope, counting_receive, send)
+        except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing to alarm
+            log.debug("client %s left before sending the whole request body", scope.get("client"))
 
     return asgi
 

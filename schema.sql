@@ -16,12 +16,13 @@ CREATE TABLE IF NOT EXISTS messages (
     text TEXT NOT NULL
 );
 
--- One row per refresh token issued; a row is deleted on logout, on theft, or once expired.
+-- One row per refresh token issued; rows are deleted on theft (all of that user's) or once expired.
 CREATE TABLE IF NOT EXISTS refresh_tokens (
     jti TEXT PRIMARY KEY,
     username TEXT NOT NULL REFERENCES users (username),
     expires_at BIGINT NOT NULL,         -- unix seconds, as in the token's "exp"
-    used INTEGER NOT NULL DEFAULT 0     -- 1 once exchanged; a used token shown again means theft
+    used INTEGER NOT NULL DEFAULT 0     -- 0 unused; 1 logged out; else the unix time it was exchanged.
+                                        -- A used or logged-out token shown again means theft
 );
 
 CREATE INDEX IF NOT EXISTS refresh_tokens_username ON refresh_tokens (username);

@@ -416,7 +416,10 @@ def test_a_refresh_token_works_once(client, user):
     assert_error(refresh(client, tokens["refresh_token"]), 401, "Invalid refresh token")
 
 
-def test_reusing_a_spent_refresh_token_revokes_every_refresh_token_of_the_user(client, user):
+def test_reusing_a_spent_refresh_token_revokes_every_refresh_token_of_the_user(client, user, monkeypatch):
+    import chat
+
+    monkeypatch.setattr(chat, "REFRESH_REUSE_GRACE_SECONDS", 0)  # as if the grace had passed
     username, first = user
     sibling = login(client, username).json()  # another device's session
     rotated = refresh(client, first["refresh_token"]).json()
@@ -433,6 +436,43 @@ def test_concurrent_refreshes_with_one_token_let_exactly_one_through(server, rou
         _, tokens = register_and_login(http)
     responses = all_at_once(server, [lambda http: refresh(http, tokens["refresh_token"])] * 4)
     assert sorted(response.status_code for response in responses) == [200, 401, 401, 401]
+    # The losers are within the reuse grace: they revoke nothing, so the winner's new token works.
+    (winner,) = [response.json() for response in responses if response.status_code == 200]
+    with httpx.Client(base_url=server, timeout=10) as http:
+        assert refresh(http, winner["refresh_token"]).status_code == 200
+
+
+def test_a_used_refresh_token_shown_again_within_the_grace_is_a_plain_401(client, user):
+    username, first = user
+    rotated = refresh(client, first["refresh_token"]).json()
+    assert_error(refresh(client, first["refresh_token"]), 401, "Invalid refresh token")
+    assert refresh(client, rotated["refresh_token"]).status_code == 200  # nothing was revoked
+
+
+def test_a_logged_out_refresh_token_shown_again_counts_as_theft(client, user):
+    username, first = user
+    sibling = login(client, username).json()
+    assert logout(client, first["refresh_token"]).status_code == 200
+    assert_error(refresh(client, first["refresh_token"]), 401, "Invalid refresh token")
+    assert_error(refresh(client, sibling["refresh_token"]), 401, "Invalid refresh token")
+    assert count_refresh_tokens(client, username) == 0
+
+
+def test_logging_out_with_an_exchanged_refresh_token_ends_the_whole_chain(client, user):
+    # refresh(R1) gives R2; logout(R1) must not leave R2 alive for a thief (RFC 9700 4.14).
+    username, first = user
+    rotated = refresh(client, first["refresh_token"]).json()
+    assert logout(client, first["refresh_token"]).status_code == 200
+    assert_error(refresh(client, rotated["refresh_token"]), 401, "Invalid refresh token")
+    assert_error(refresh(client, first["refresh_token"]), 401, "Invalid refresh token")
+
+
+def test_logging_out_twice_does_not_end_other_sessions(client, user):
+    username, first = user
+    sibling = login(client, username).json()
+    for _ in range(2):
+        assert logout(client, first["refresh_token"]).status_code == 200
+    assert refresh(client, sibling["refresh_token"]).status_code == 200
 
 
 def test_logout_revokes_the_refresh_token_and_is_idempotent(client, user):
@@ -637,8 +677,21 @@ TRICKY_TEXTS = [
     "two\nlines\r\nand\ta tab",
     "\U0010fffd from the last plane",
     "€" * 1000,  # at the 1000-character limit, 3000 bytes
+    "\x1b[31mred\x1b[0m, a bell\x07, a backspace\x08, DEL\x7f, C1\x85\x9b and \u2066isolates\u2069",
+    "hi\n<victim>: I agree",
 ]
-IGNORED_TEXTS = ["with a \x00 inside", "\x00", "", "  \n\t "]
+IGNORED_TEXTS = ["with a \x00 inside", "\x00", "", "  \n\t ", "\x1b\x07\u202e\u200b\r"]
+# What the server makes of the texts it cleans: control characters other than newline and tab,
+# and the invisible characters that reorder or hide text, are dropped (zero-width joiners stay).
+CLEANED_TEXTS = {
+    "\u202eright-to-left override\u202c and a \u200fright-to-left mark": "right-to-left override and a right-to-left mark",
+    "\ufeffbyte order mark, \u200bzero-width space": "byte order mark, zero-width space",
+    "two\nlines\r\nand\ta tab": "two\nlines\nand\ta tab",
+    "\x1b[31mred\x1b[0m, a bell\x07, a backspace\x08, DEL\x7f, C1\x85\x9b and \u2066isolates\u2069": (
+        "[31mred[0m, a bell, a backspace, DEL, C1 and isolates"
+    ),
+    "hi\n<victim>: I agree": "hi\n<victim>: I agree",  # newline kept: a frame is one message
+}
 
 
 async def receive_until(websocket, marker):
@@ -664,12 +717,12 @@ async def chat_through_websockets(base_url, token, username):
     return frames, lines, marker
 
 
-def test_tricky_texts_are_kept_character_for_character_and_nul_texts_are_dropped(server, http):
+def test_tricky_texts_are_kept_but_for_unsafe_characters_and_nul_texts_are_dropped(server, http):
     registered = "Mixed" + secrets.token_hex(4)
     _, tokens = register_and_login(http, registered)
     tokens = login(http, registered.lower()).json()  # logged in under another case: the name stays as registered
     frames, lines, marker = asyncio.run(chat_through_websockets(server, tokens["access_token"], registered))
-    expected = TRICKY_TEXTS + [marker]
+    expected = [CLEANED_TEXTS.get(text, text) for text in TRICKY_TEXTS] + [marker]
     assert [frame["text"] for frame in frames] == expected
     assert {frame["username"] for frame in frames} == {registered}
     assert lines == [f"{registered}: {text}" for text in expected]
