@@ -48,4 +48,4 @@ lock:
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .pytest_cache chat.db chat.db-wal chat.db-shm
+	rm -rf $(VENV) .pytest_cache chat.db chat.db-wal chat.db-shm chat.db.key

@@ -80,17 +80,6 @@ def env_int(name, default, minimum, maximum):
     return int(raw)
 
 
-SEED_PLACEHOLDER_KEY = "your-secret-key-change-this-in-production"
-SECRET_KEY = os.environ.get("SECRET_KEY", "")
-if SECRET_KEY == SEED_PLACEHOLDER_KEY:
-    config_error("SECRET_KEY is the placeholder from the API document; set a real secret")
-if not SECRET_KEY:
-    SECRET_KEY = secrets.token_urlsafe(32)
-    log.warning(
-        "SECRET_KEY is not set: using a random key, so tokens die with this process and are "
-        "not shared between processes. Set SECRET_KEY in production."
-    )
-
 ALGORITHM = "HS256"
 ACCESS_TOKEN_EXPIRE_MINUTES = env_int("ACCESS_TOKEN_EXPIRE_MINUTES", 15, 1, 525_600)
 REFRESH_TOKEN_EXPIRE_DAYS = env_int("REFRESH_TOKEN_EXPIRE_DAYS", 7, 1, 3650)
@@ -118,6 +107,52 @@ DATABASE_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyn
 if DATABASE_URL.partition("://")[0] not in DATABASE_SCHEMES:
     config_error(f"DATABASE_URL must start with one of {sorted(DATABASE_SCHEMES)}, not {DATABASE_URL!r}")
 USES_SQLITE = DATABASE_URL.startswith("sqlite")
+
+
+def key_in_file(path):
+    """The signing key kept in `path`, made there (mode 0600) if there is none yet. Processes
+    starting together agree: the key is written to a file of its own, then linked into place,
+    which succeeds for one of them; the others read what it wrote."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    draft = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        os.link(draft, path)  # fails if another process got there first
+        log.warning("SECRET_KEY is not set: made a new signing key in %s (keep it private)", path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(draft)
+    return path.read_text().strip()
+
+
+def secret_key():
+    """SECRET_KEY if set; else, on SQLite, a key kept in a file beside the database."""
+    key = os.environ.get("SECRET_KEY", "").strip()
+    if key == SEED_PLACEHOLDER_KEY:
+        config_error("SECRET_KEY is the placeholder from the API document; set a real secret")
+    if key:
+        return key
+    if not USES_SQLITE:
+        config_error("SECRET_KEY must be set with PostgreSQL: processes on several machines cannot share a key file")
+    database_path = DATABASE_URL.partition(":///")[2].partition("?")[0]
+    if database_path in ("", ":memory:"):
+        log.warning("SECRET_KEY is not set and the database is in memory: tokens die with this process")
+        return secrets.token_urlsafe(32)
+    path = Path(database_path + ".key").resolve()
+    try:
+        return key_in_file(path)
+    except OSError as error:
+        config_error(f"SECRET_KEY is not set and the key file {path} cannot be used ({error.strerror})")
+
+
+SEED_PLACEHOLDER_KEY = "your-secret-key-change-this-in-production"
+SECRET_KEY = secret_key()
 
 BROADCAST_URL = os.environ.get("BROADCAST_URL", "").strip()
 if BROADCAST_URL and BROADCAST_URL.partition("://")[0] not in {"redis", "rediss"}:

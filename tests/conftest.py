@@ -159,16 +159,23 @@ def server_log(process):
     return Path(process.log_path).read_text(errors="replace")
 
 
+def server_env(changes=None):
+    """The tests' environment with `changes` applied; a value of None removes that variable."""
+    env = {**os.environ, **(changes or {})}
+    return {name: value for name, value in env.items() if value is not None}
+
+
 @contextlib.contextmanager
 def running_server(env=None, args=(), port=None, app="chat:app", health_path="/health"):
     """A real uvicorn serving `app` (chat:app unless told) on a free port; yields (base_url, process).
-    Its output goes to a file under TMP: read it with server_log(process)."""
+    `env` changes the environment (None removes a variable). Its output goes to a file under TMP:
+    read it with server_log(process)."""
     port = port or free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
                "--ws-max-size", "65536", "--log-level", "warning", *args]
     log_path = TMP / f"server-{port}-{secrets.token_hex(3)}.log"
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+        process = subprocess.Popen(command, cwd=ROOT, env=server_env(env),
                                    stdout=log_file, stderr=subprocess.STDOUT)
     process.log_path = log_path
     base_url = f"http://127.0.0.1:{port}"
