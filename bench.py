@@ -1,7 +1,7 @@
 """Benchmark of the chat service against a bare `websockets` broadcast server (the ceiling).
 
-    .venv/bin/python bench.py            # full run, under five minutes
-    .venv/bin/python bench.py --quick    # shortened run, about two minutes
+    .venv/bin/python bench.py            # full run, under six minutes
+    .venv/bin/python bench.py --quick    # shortened run, about two and a half minutes
     .venv/bin/python bench.py --only fanout,idle
 
 Every figure comes from real servers over real sockets on 127.0.0.1: `uvicorn chat:app` on a
@@ -12,6 +12,10 @@ installed, like uvicorn), a hand-rolled websocket client protocol that only walk
 headers, and a sequence number + send timestamp inside each message text, so nothing is
 JSON-parsed per delivery. Client and servers share the machine's cores, so the table shows
 the CPU each side used and flags runs where the client was the bottleneck.
+
+chat.py's limits against abuse (LOGIN_LIMIT, REGISTER_LIMIT, MESSAGE_LIMIT, MAX_SOCKETS_PER_USER)
+are on by default; every chat server started here turns them all off explicitly, except in the
+"limits" scenario, which measures what MESSAGE_LIMIT costs when it is on but never refuses.
 
 Every server, database and temp directory this script creates is removed on exit, errors
 included (servers are stopped by PID and also get SIGTERM if this process dies).
@@ -45,6 +49,10 @@ BARE_WRITE_LIMIT = 256 * 1024  # the bare server drops a client with this much u
 POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 CLOCK = time.perf_counter_ns  # one process stamps both the send and the receive times
 TAG = secrets.token_hex(4)  # marks this run's messages (ingest rows, scale-out frames)
+# chat.py's limits against abuse are on by default; the bench registers many users and sends flat
+# out from a few, so every chat server runs with all of them off unless a scenario says otherwise.
+LIMITS_OFF = {"LOGIN_LIMIT": "off", "REGISTER_LIMIT": "off", "MESSAGE_LIMIT": "off", "MAX_SOCKETS_PER_USER": "0"}
+HIGH_MESSAGE_LIMIT = "1000000 per second"  # the limits row: counted on every message, never refuses one
 
 try:
     import uvloop
@@ -527,25 +535,28 @@ class Bench:
         self.secret = "bench-" + secrets.token_urlsafe(32)
         self.postgres_databases = []
         self.started = time.monotonic()
-        self.deadline = self.started + (150 if args.quick else 285)
+        self.deadline = self.started + (195 if args.quick else 345)  # the limits row came last: +45 s, +60 s
         self.notes = []
 
     # -- servers
 
-    def chat_env(self, rounds=4, database_url=None, broadcast_url=None, channel=None):
+    def chat_env(self, rounds=4, database_url=None, broadcast_url=None, channel=None, limits=None):
         env = {k: v for k, v in os.environ.items() if k not in ("BROADCAST_URL", "DATABASE_URL", "BROADCAST_CHANNEL")}
         if database_url is None:
             database_url = f"sqlite+aiosqlite:///{self.tmp / ('chat-' + secrets.token_hex(4) + '.db')}"
         env.update(SECRET_KEY=self.secret, BCRYPT_ROUNDS=str(rounds), DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
+        env.update(LIMITS_OFF)  # explicitly, whatever this shell has set
+        env.update(limits or {})
         if broadcast_url:
             env["BROADCAST_URL"] = broadcast_url
         if channel:
             env["BROADCAST_CHANNEL"] = channel
         return env
 
-    async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, channel=None, name="chat"):
+    async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, channel=None, name="chat", limits=None):
+        """A chat server with every limit against abuse off, but for those `limits` sets (env var: value)."""
         port = free_port()
-        env = self.chat_env(rounds, database_url, broadcast_url, channel)
+        env = self.chat_env(rounds, database_url, broadcast_url, channel, limits)
         command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", HOST, "--port", str(port),
                    "--ws-max-size", "65536", "--log-level", "warning"]
         process = self.procs.start(name, command, env)
@@ -696,7 +707,7 @@ async def fanout_run(server, path, clients, rate, duration):
         return {
             "p50": ms(percentile(latencies, 50)), "p99": ms(percentile(latencies, 99)), "max": ms(max(latencies, default=0)),
             "rate": len(latencies) / elapsed, "lost": lost, "ooo": ooo, "dups": dups, "closed": closed,
-            "connect": connect_s, "cpu": cpu,
+            "connect": connect_s, "cpu": cpu, "latencies": latencies,
         }
     finally:
         close_all(connections)
@@ -1268,6 +1279,78 @@ async def scenario_scaleout(bench):
           note=f"Redis: {redis_note}; 'others' CPU includes PostgreSQL and Redis")
 
 
+# ---------------------------------------------------------------- scenario 8: the cost of the limits
+
+
+async def scenario_limits(bench):
+    """Scenarios 1 and 5 again, on two servers that differ only in MESSAGE_LIMIT: off, and on but too
+    high to refuse anything, so every message still pays for its count. The rounds alternate off, on,
+    on, off (a drift in the machine's load weighs on both alike) and pool what each setting measured."""
+    q = bench.quick
+    clients, rate, duration = (500, 20, 2) if q else (500, 20, 5)
+    senders, seconds = 20, (1.5 if q else 3.0)
+    servers, paths = {}, {}
+    for key, limits in (("off", None), ("on", {"MESSAGE_LIMIT": HIGH_MESSAGE_LIMIT})):
+        servers[key] = await bench.start_chat(name=f"chat-message-limit-{key}", limits=limits)
+        _, token = await bench.user_token(servers[key].port)
+        paths[key] = f"/ws?token={token}"
+    order = ("off", "on", "on", "off")
+    fan = {"off": [], "on": []}
+    ing = {"off": [], "on": []}
+    for key in order:
+        fan[key].append(await fanout_run(servers[key], paths[key], clients, rate, duration))
+        await asyncio.sleep(0.5)  # the other server is done closing the last round's sockets
+    for key in order:
+        ing[key].append(await ingest_run(servers[key], paths[key], senders, seconds))
+        await asyncio.sleep(0.5)
+    stored = {}
+    for key, server in servers.items():
+        db_path = server.database_url.split("///", 1)[1]
+        stored[key] = await asyncio.to_thread(count_rows, db_path, f"ingest {TAG}")
+        bench.procs.stop(server)
+
+    def cpu_note(runs):
+        """CpuMeter.note() over several rounds: the mean of each figure, flagged as a single meter flags it."""
+        meter = CpuMeter([])
+        meter.server_pct = [sum(r["cpu"].server_pct[0] for r in runs) / len(runs)]
+        meter.client_pct = sum(r["cpu"].client_pct for r in runs) / len(runs)
+        meter.others_pct = sum(r["cpu"].others_pct for r in runs) / len(runs)
+        return meter.note()
+
+    def pooled(key):
+        latencies = [x for r in fan[key] for x in r["latencies"]]
+        return {
+            "p50": ms(percentile(latencies, 50)), "p99": ms(percentile(latencies, 99)),
+            "rounds": "/".join(f"{r['p99']:.1f}" for r in fan[key]),
+            "cpu": cpu_note(fan[key]),
+            "lost": sum(r["lost"] + r["ooo"] for r in fan[key]),
+            "closed": sum(r["closed"] for r in fan[key]) + sum(r["closed"] for r in ing[key]),
+            "stored_rate": sum(r["stored_rate"] for r in ing[key]) / len(ing[key]),
+            "stored_rounds": "/".join(f"{r['stored_rate']:,.0f}" for r in ing[key]),
+            "ingest_cpu": cpu_note(ing[key]), "sent": sum(r["sent"] for r in ing[key]),
+        }
+
+    off, on = pooled("off"), pooled("on")
+    name = (f"8 limits cost: MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r} (on, never refuses) against off; fan-out as in 1 "
+            f"with {clients} clients, {rate} msg/s for {duration} s, and ingest as in 5 for {seconds:g} s; "
+            "2 rounds each, off/on/on/off")
+    t = bench.table
+    p99_ratio = on["p99"] / off["p99"]
+    ingest_ratio = off["stored_rate"] / on["stored_rate"] if on["stored_rate"] else float("inf")
+    t.add(name, "fan-out p99, limit off (ms)", off["p99"],
+          note=f"rounds {off['rounds']} ms; p50 {off['p50']:.1f} ms; {off['cpu']}")
+    t.add(name, "fan-out p99, limit on (ms)", on["p99"], target="on/off <= 1.1x", result=verdict(p99_ratio <= 1.1),
+          note=f"{p99_ratio:.2f}x off; rounds {on['rounds']} ms; p50 {on['p50']:.1f} ms; {on['cpu']}")
+    t.add(name, "ingest stored/s, limit off", off["stored_rate"],
+          note=f"rounds {off['stored_rounds']}; {off['ingest_cpu']}")
+    t.add(name, "ingest stored/s, limit on", on["stored_rate"], target="off/on <= 1.1x", result=verdict(ingest_ratio <= 1.1),
+          note=f"{ingest_ratio:.2f}x slower than off; rounds {on['stored_rounds']}; {on['ingest_cpu']}")
+    t.add(name, "closed early / lost+ooo, limit on", f"{on['closed']} / {on['lost']}", ratio="n/a", target="0 / 0",
+          result=verdict(on["closed"] == 0 and on["lost"] == 0),
+          note=f"limit off: {off['closed']} / {off['lost']}; ingest stored in the DB: on {stored['on']} of {on['sent']}, "
+               f"off {stored['off']} of {off['sent']}; other limits off on both servers")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1279,6 +1362,7 @@ SCENARIOS = {
     "ingest": (scenario_ingest, 40, 15),
     "idle": (scenario_idle, 60, 20),
     "scaleout": (scenario_scaleout, 60, 20),
+    "limits": (scenario_limits, 70, 25),
 }
 
 
@@ -1302,6 +1386,8 @@ def machine_lines(bench):
         f"event loop {'uvloop' if uvloop else 'asyncio'} (client and both servers); temp DB on {fs}",
         "client: one process, lean hand-rolled websocket protocol; latency = receive time - send time "
         "stamped in the text by the same process",
+        "limits against abuse are off in every row except the limits row "
+        f"({', '.join(f'{k}={v}' for k, v in LIMITS_OFF.items())}; row 8 sets MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r})",
     ]
 
 
@@ -1338,7 +1424,7 @@ def raise_nofile_limit(needed=8192):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a shortened run (about two minutes)")
+    parser.add_argument("--quick", action="store_true", help="a shortened run (about two and a half minutes)")
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()

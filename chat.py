@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import bcrypt
@@ -452,18 +453,17 @@ def client_address(request):
     return request.client.host if request.client else "unknown"
 
 
-# Logins of a (name, address) pair being checked right now, so that a burst of concurrent
+# One login at a time per (name, address) pair in a process, so that a burst of concurrent
 # guesses cannot all pass the limit before the first failure is counted.
-logins_in_flight = collections.Counter()
+login_locks = weakref.WeakValueDictionary()
 
 
 @contextlib.asynccontextmanager
 async def login_attempt(username, address):
     """Refuse with a 429 when the pair has no failed login left; yields a function that counts a failure."""
     pair = ("login", username.lower() if USERNAME_PATTERN.fullmatch(username) else "*", address)
-    logins_in_flight[pair] += 1
-    try:
-        if LOGIN_LIMIT and not await count(lambda limiter: limiter.test(LOGIN_LIMIT, *pair, cost=logins_in_flight[pair])):
+    async with login_locks.setdefault(pair, asyncio.Lock()):
+        if LOGIN_LIMIT and not await count(lambda limiter: limiter.test(LOGIN_LIMIT, *pair)):
             raise await too_many_attempts(LOGIN_LIMIT, *pair)
 
         async def count_failure():
@@ -471,10 +471,6 @@ async def login_attempt(username, address):
                 await count(lambda limiter: limiter.hit(LOGIN_LIMIT, *pair))
 
         yield count_failure
-    finally:
-        logins_in_flight[pair] -= 1
-        if not logins_in_flight[pair]:
-            del logins_in_flight[pair]
 
 
 # ---------------------------------------------------------------- HTTP routes
