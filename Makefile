@@ -21,8 +21,11 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt requirements.lock | $(BIN)/p
 	$(PIP) -r requirements-dev.txt
 	touch $@ $(VENV)/.run
 
+# The flags every documented command uses: see "Serving it on the open internet" in the README.
+SERVE_FLAGS := --ws-max-size 65536 --http chat:BoundedHttpProtocol --limit-concurrency 16384
+
 run: $(VENV)/.run
-	$(BIN)/uvicorn chat:app --host $(HOST) --port $(PORT) --ws-max-size 65536
+	$(BIN)/uvicorn chat:app --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
 # The whole suite, once on SQLite and once on PostgreSQL (127.0.0.1:5432, a database of its own).
 test: test-sqlite test-postgresql

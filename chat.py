@@ -42,6 +42,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
 from starlette.websockets import WebSocketDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("chat")
 HERE = Path(__file__).resolve().parent
@@ -169,6 +170,7 @@ MAX_MESSAGE_CHARS = 1000
 # zero-width space, word joiner, BOM). Zero-width (non-)joiners stay: emoji and Persian need them.
 UNSAFE_CHARACTERS = re.compile("[\x01-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 WS_MAX_FRAME_BYTES = 64 * 1024  # for uvicorn's --ws-max-size: no frame may be bigger than this
+LIMIT_CONCURRENCY = 16_384  # for uvicorn's --limit-concurrency: past this many connections, HTTP gets 503
 OUTBOX_LIMIT = 256  # frames queued for one websocket before it counts as too slow
 CLOSE_TOO_SLOW = 1013  # "try again later": reconnect with ?after=<last id> to catch up
 CLOSE_TOKEN_EXPIRED = 4001  # refresh the access token, then reconnect with ?after=<last id>
@@ -1032,6 +1034,89 @@ async def close_all_websockets(code, wait_seconds=2.0):
     await asyncio.sleep(0.05)
 
 
+# ---------------------------------------------------------------- uvicorn's HTTP protocol, bounded
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers
+HEAD_TIMEOUT_SECONDS = 10  # for a request head to arrive whole, from the connection's start or its first byte
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the two bounds it lacks; serve with
+    `--http chat:BoundedHttpProtocol`. A request head over MAX_HEAD_BYTES gets 431 (httptools
+    alone buffers a head without end), and one not whole within HEAD_TIMEOUT_SECONDS gets 408,
+    or a plain close if not a byte came, so half-sent requests cannot hold connections open.
+    Websocket handshakes are request heads too. It uses uvicorn's private names: the tests
+    check it against the uvicorn in requirements.lock."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.in_head, self.head_bytes, self.head_begun = True, 0, False
+        self.head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self.head_timed_out)
+
+    def connection_lost(self, exc):
+        self.cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data):
+        if self.in_head:
+            self.head_bytes += len(data)
+        super().data_received(data)
+        if self.in_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self.refuse(b"431 Request Header Fields Too Large", b"Request header fields too large")
+
+    def on_message_begin(self):
+        super().on_message_begin()
+        self.head_begun = True
+        if self.head_timer is None:  # the next request on a kept-alive connection
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self.head_timed_out)
+
+    def on_headers_complete(self):
+        self.in_head = self.head_begun = False
+        self.cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self):
+        super().on_message_complete()
+        self.in_head, self.head_bytes = True, 0
+
+    def cancel_head_timer(self):
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self):
+        self.head_timer = None
+        if self.transport.is_closing() or not self.in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:  # a response is still going out
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self.head_timed_out)
+        elif self.head_begun:
+            self.refuse(b"408 Request Timeout", b"Request head took too long to arrive")
+        else:
+            self.transport.close()
+
+    def refuse(self, status, text):
+        self.cancel_head_timer()
+        body = b'{"detail": "' + text + b'"}'
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.transport.close()
+
+
+def raise_open_file_limit():
+    """Raise this process's soft limit of open files to its hard limit (at most 2**20): the common
+    1,024 lets a thousand idle connections lock every new client out."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = 2**20 if hard == resource.RLIM_INFINITY else min(hard, 2**20)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 # ---------------------------------------------------------------- start-up, shutdown and the app
 
 # What start_service sets up on the running event loop: publish_lock, redis, relay, started.
@@ -1147,10 +1232,10 @@ def limit_body_size(app):
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise HTTPException(408, "Request body took too long to arrive")
+                raise HTTPException(408, "Request body took too long to arrive", headers={"Connection": "close"})
             received += len(message.get("body", b""))
             if received > MAX_BODY_BYTES:
-                raise HTTPException(413, "Request body is larger than 64 KiB")
+                raise HTTPException(413, "Request body is larger than 64 KiB", headers={"Connection": "close"})
             return message
 
         try:
@@ -1193,6 +1278,7 @@ def close_websockets_on_exit_signals():
 async def lifespan(app):
     await start_service()
     freeze_startup_objects()  # process-wide, so only when chat's lifespan runs
+    raise_open_file_limit()
     restore_signal_handlers = close_websockets_on_exit_signals()
     try:
         yield
@@ -1240,4 +1326,5 @@ app = Starlette(
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=WS_MAX_FRAME_BYTES)
+    uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=WS_MAX_FRAME_BYTES, http=BoundedHttpProtocol,
+                limit_concurrency=LIMIT_CONCURRENCY)

@@ -49,7 +49,8 @@ def start_server():
     }
     env.pop("BROADCAST_URL", None)
     command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", "127.0.0.1", "--port", str(port),
-               "--ws-max-size", "65536", "--log-level", "warning"]
+               "--ws-max-size", "65536", "--http", "chat:BoundedHttpProtocol", "--limit-concurrency", "16384",
+               "--log-level", "warning"]
     here = os.path.dirname(os.path.abspath(__file__))
     process = subprocess.Popen(command, cwd=here, env=env)
     base_url = f"http://127.0.0.1:{port}"
