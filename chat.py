@@ -50,20 +50,22 @@ HERE = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------- configuration
 
-TOKEN_IN_URL = re.compile(r"(token=)[^&\s\"']+")
+# `token=<value>` in URLs (`access_token=`, `refresh_token=` too) and `bearer.<token>` or
+# `Bearer <token>` in headers, as uvicorn's logs and the websockets library's debug lines show them.
+TOKENS_IN_TEXT = re.compile(r"(token=|\bbearer[.\s]\s*)[^&\s\"',]+", re.IGNORECASE)
 
 
 def hide_tokens(record):
-    """Logging filter: `?token=<value>` (and `access_token=`, `refresh_token=`) becomes `token=***`.
-    Uvicorn logs websocket URLs through uvicorn.error as well as its access log."""
-    if isinstance(record.msg, str):
-        record.msg = TOKEN_IN_URL.sub(r"\1***", record.msg)
-    if isinstance(record.args, tuple):
-        record.args = tuple(TOKEN_IN_URL.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args)
+    """Logging filter: every token in a log line becomes `***`."""
+    if record.name == "uvicorn.access":  # its formatter unpacks the arguments: mask each one
+        if isinstance(record.args, tuple):
+            record.args = tuple(TOKENS_IN_TEXT.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args)
+    else:  # uvicorn.asgi logs whole scopes as dicts at trace level: mask the finished line
+        record.msg, record.args = TOKENS_IN_TEXT.sub(r"\1***", record.getMessage()), None
     return True
 
 
-for logger_name in ("uvicorn.access", "uvicorn.error", "chat"):
+for logger_name in ("uvicorn.access", "uvicorn.error", "uvicorn.asgi", "chat"):
     logging.getLogger(logger_name).addFilter(hide_tokens)
 
 
