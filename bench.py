@@ -1,21 +1,24 @@
 """Benchmark of the chat service against a bare `websockets` broadcast server (the ceiling).
 
-    .venv/bin/python bench.py            # full run, under six minutes
-    .venv/bin/python bench.py --quick    # shortened run, about two and a half minutes
+    .venv/bin/python bench.py            # full run, under seven minutes
+    .venv/bin/python bench.py --quick    # shortened run, about three minutes
     .venv/bin/python bench.py --only fanout,idle
 
-Every figure comes from real servers over real sockets on 127.0.0.1: `uvicorn chat:app` on a
-throw-away SQLite database (PostgreSQL + Redis for scale-out), and `python bench.py
---bare-server PORT`, a plain `websockets` server that broadcasts "anon: <text>" to everyone
-(no ASGI, no auth, no database). The load generator is this one process: asyncio (uvloop when
-installed, like uvicorn), a hand-rolled websocket client protocol that only walks frame
-headers, and a sequence number + send timestamp inside each message text, so nothing is
-JSON-parsed per delivery. Client and servers share the machine's cores, so the table shows
+Every figure comes from real servers over real sockets on 127.0.0.1: `uvicorn chat:app` served
+as deployed (the Makefile's SERVE_FLAGS: --ws-max-size 65536 --http chat:BoundedHttpProtocol
+--limit-concurrency 16384) on a throw-away SQLite database (PostgreSQL + Redis for scale-out),
+and `python bench.py --bare-server PORT`, a plain `websockets` server that broadcasts
+"anon: <text>" to everyone (no ASGI, no auth, no database). The load generator is this one
+process: asyncio (uvloop when installed, like uvicorn), a hand-rolled websocket client
+protocol that only walks frame headers, and a sequence number + send timestamp inside each
+message text, so nothing is JSON-parsed per delivery. Client and servers share the machine's cores, so the table shows
 the CPU each side used and flags runs where the client was the bottleneck.
 
 chat.py's limits against abuse (LOGIN_LIMIT, REGISTER_LIMIT, MESSAGE_LIMIT, MAX_SOCKETS_PER_USER)
 are on by default; every chat server started here turns them all off explicitly, except in the
 "limits" scenario, which measures what MESSAGE_LIMIT costs when it is on but never refuses.
+The "protocol" scenario serves the history and login loads with --http chat:BoundedHttpProtocol
+(shipped), httptools (stock) and h11 side by side, to price the bounded request heads.
 
 Every server, database and temp directory this script creates is removed on exit, errors
 included (servers are stopped by PID and also get SIGTERM if this process dies).
@@ -53,6 +56,15 @@ TAG = secrets.token_hex(4)  # marks this run's messages (ingest rows, scale-out 
 # out from a few, so every chat server runs with all of them off unless a scenario says otherwise.
 LIMITS_OFF = {"LOGIN_LIMIT": "off", "REGISTER_LIMIT": "off", "MESSAGE_LIMIT": "off", "MAX_SOCKETS_PER_USER": "0"}
 HIGH_MESSAGE_LIMIT = "1000000 per second"  # the limits row: counted on every message, never refuses one
+# Every chat server runs as deployed: the flags of the Makefile's SERVE_FLAGS (README, "Serving it on the
+# open internet"). Only the protocol row swaps --http, to price the shipped choice against the others.
+SHIPPED_HTTP = "chat:BoundedHttpProtocol"  # httptools with a 64 KiB, 10 s bound on request heads
+SERVE_FLAGS = ["--ws-max-size", "65536", "--limit-concurrency", "16384"]  # and --http SHIPPED_HTTP
+PROTOCOLS = (  # the protocol row: (label, --http value), the first one what we ship
+    ("BoundedHttpProtocol", SHIPPED_HTTP),
+    ("httptools (stock)", "httptools"),
+    ("h11", "h11"),
+)
 
 try:
     import uvloop
@@ -535,7 +547,8 @@ class Bench:
         self.secret = "bench-" + secrets.token_urlsafe(32)
         self.postgres_databases = []
         self.started = time.monotonic()
-        self.deadline = self.started + (195 if args.quick else 345)  # the limits row came last: +45 s, +60 s
+        # the limits row came last but one: +45 s, +60 s; the protocol row (~20 s, ~35 s) last: +30 s, +45 s
+        self.deadline = self.started + (225 if args.quick else 390)
         self.notes = []
 
     # -- servers
@@ -553,12 +566,14 @@ class Bench:
             env["BROADCAST_CHANNEL"] = channel
         return env
 
-    async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, channel=None, name="chat", limits=None):
-        """A chat server with every limit against abuse off, but for those `limits` sets (env var: value)."""
+    async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, channel=None, name="chat", limits=None,
+                         http=SHIPPED_HTTP):
+        """A chat server served as deployed (SERVE_FLAGS, `--http http`) with every limit against abuse
+        off, but for those `limits` sets (env var: value)."""
         port = free_port()
         env = self.chat_env(rounds, database_url, broadcast_url, channel, limits)
         command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", HOST, "--port", str(port),
-                   "--ws-max-size", "65536", "--log-level", "warning"]
+                   *SERVE_FLAGS, "--http", http, "--log-level", "warning"]
         process = self.procs.start(name, command, env)
         process.port = port
         process.database_url = env["DATABASE_URL"]
@@ -958,12 +973,24 @@ async def scenario_storm(bench):
 # ---------------------------------------------------------------- scenario 4: history
 
 
-async def http_load(port, path, token, seconds, concurrency=8):
-    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
+def get_request(port, path, token):
+    return f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+
+
+def post_request(port, path, body):
+    payload = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+async def http_load(port, path, token, seconds, concurrency=8, requests=None):
+    """Keep-alive connections, each sending its request again as soon as the answer is in: a GET of
+    `path` with `token` on `concurrency` connections, or one connection per raw request in `requests`."""
+    requests = requests or [get_request(port, path, token)] * concurrency
     counts = {"ok": 0, "bad": 0, "bytes": 0}
     latencies = []
 
-    async def worker(deadline):
+    async def worker(deadline, request):
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
             while time.perf_counter() < deadline:
@@ -985,14 +1012,14 @@ async def http_load(port, path, token, seconds, concurrency=8):
         finally:
             writer.close()
 
-    await asyncio.wait_for(asyncio.gather(*(worker(time.perf_counter() + 0.3) for _ in range(concurrency))), 30)
+    await asyncio.wait_for(asyncio.gather(*(worker(time.perf_counter() + 0.3, r) for r in requests)), 30)
     counts.update(ok=0, bad=0, bytes=0)
     latencies.clear()
     start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker(start + seconds) for _ in range(concurrency))), seconds + 30)
+    await asyncio.wait_for(asyncio.gather(*(worker(start + seconds, r) for r in requests)), seconds + 30)
     elapsed = time.perf_counter() - start
     return {"rps": counts["ok"] / elapsed, "bad": counts["bad"], "p99": ms(percentile(latencies, 99)),
-            "size": counts["bytes"] / max(1, counts["ok"])}
+            "size": counts["bytes"] / max(1, counts["ok"]), "latencies": latencies}
 
 
 def insert_messages(db_path, username, count, start=0):
@@ -1282,6 +1309,16 @@ async def scenario_scaleout(bench):
 # ---------------------------------------------------------------- scenario 8: the cost of the limits
 
 
+def mean_cpu_note(runs):
+    """CpuMeter.note() over several rounds (each a dict with a one-server "cpu" meter): the mean of
+    each figure, flagged as a single meter flags it."""
+    meter = CpuMeter([])
+    meter.server_pct = [sum(r["cpu"].server_pct[0] for r in runs) / len(runs)]
+    meter.client_pct = sum(r["cpu"].client_pct for r in runs) / len(runs)
+    meter.others_pct = sum(r["cpu"].others_pct for r in runs) / len(runs)
+    return meter.note()
+
+
 async def scenario_limits(bench):
     """Scenarios 1 and 5 again, on two servers that differ only in MESSAGE_LIMIT: off, and on but too
     high to refuse anything, so every message still pays for its count. The rounds alternate off, on,
@@ -1309,13 +1346,7 @@ async def scenario_limits(bench):
         stored[key] = await asyncio.to_thread(count_rows, db_path, f"ingest {TAG}")
         bench.procs.stop(server)
 
-    def cpu_note(runs):
-        """CpuMeter.note() over several rounds: the mean of each figure, flagged as a single meter flags it."""
-        meter = CpuMeter([])
-        meter.server_pct = [sum(r["cpu"].server_pct[0] for r in runs) / len(runs)]
-        meter.client_pct = sum(r["cpu"].client_pct for r in runs) / len(runs)
-        meter.others_pct = sum(r["cpu"].others_pct for r in runs) / len(runs)
-        return meter.note()
+    cpu_note = mean_cpu_note
 
     def pooled(key):
         latencies = [x for r in fan[key] for x in r["latencies"]]
@@ -1351,6 +1382,81 @@ async def scenario_limits(bench):
                f"off {stored['off']} of {off['sent']}; other limits off on both servers")
 
 
+# ---------------------------------------------------------------- scenario 9: the cost of the HTTP protocol
+
+
+async def scenario_protocol(bench):
+    """What `--http chat:BoundedHttpProtocol` costs against uvicorn's stock httptools protocol (no bound
+    on request heads) and its h11 one (16 KiB head cap, no head timeout): scenario 4's history load and
+    a login load on three servers that differ only in --http. BCRYPT_ROUNDS is 4 on all three, so a
+    login is not all bcrypt and the protocol's share can show. The rounds run A B C C B A (a drift in
+    the machine's load weighs on all alike) and each setting's two rounds are pooled."""
+    q = bench.quick
+    seconds = 1.0 if q else 2.0
+    history_connections, login_connections = 8, 4
+    servers, history, logins = {}, {}, {}
+    for label, http in PROTOCOLS:
+        server = await bench.start_chat(rounds=4, name=f"chat-http-{http.split(':')[-1]}", http=http)
+        servers[label] = server
+        username, token = await bench.user_token(server.port)
+        db_path = server.database_url.split("///", 1)[1]
+        await asyncio.to_thread(insert_messages, db_path, username, 100)
+        history[label] = get_request(server.port, "/auth/messages", token)
+        # One user per connection: chat serialises logins per (name, address), which would otherwise
+        # turn the concurrent connections into a queue.
+        requests = []
+        for _ in range(login_connections):
+            body = {"username": "bench" + secrets.token_hex(4), "password": PASSWORD}
+            status, data = await http_request(server.port, "POST", "/auth/register", body, timeout=30)
+            if status != 200:
+                raise RuntimeError(f"register failed: {status} {data[:200]!r}")
+            requests.append(post_request(server.port, "/auth/login", body))
+        logins[label] = requests
+    labels = [label for label, _ in PROTOCOLS]
+    order = labels + labels[::-1]
+    runs = {"history": {label: [] for label in labels}, "login": {label: [] for label in labels}}
+    for kind, requests in (("history", lambda label: [history[label]] * history_connections),
+                           ("login", lambda label: logins[label])):
+        for label in order:
+            server = servers[label]
+            with CpuMeter([server.pid]) as cpu:
+                result = await http_load(server.port, None, None, seconds, requests=requests(label))
+            result["cpu"] = cpu
+            runs[kind][label].append(result)
+            await asyncio.sleep(0.2)
+    for server in servers.values():
+        bench.procs.stop(server)
+
+    def pooled(kind, label):
+        rounds = runs[kind][label]
+        return {
+            "rps": sum(r["rps"] for r in rounds) / len(rounds),
+            "p99": ms(percentile([x for r in rounds for x in r["latencies"]], 99)),
+            "rounds": "/".join(f"{r['rps']:,.0f}" for r in rounds),
+            "bad": sum(r["bad"] for r in rounds), "cpu": mean_cpu_note(rounds),
+        }
+
+    stock = PROTOCOLS[1][0]
+    name = (f"9 protocol cost: --http {SHIPPED_HTTP} (shipped) against stock httptools (unbounded heads) and h11 "
+            f"(16 KiB head cap, no head timeout); history as in 4 ({history_connections} keep-alive connections), "
+            f"login with the right password ({login_connections} keep-alive connections, a user each, BCRYPT_ROUNDS=4 "
+            f"so bcrypt does not hide the protocol); {seconds:g} s rounds, 2 each, A/B/C/C/B/A")
+    t = bench.table
+    for kind, metric in (("history", "history requests/s"), ("login", "logins/s")):
+        figures = {label: pooled(kind, label) for label in labels}
+        base = figures[stock]
+        for label in labels:
+            f = figures[label]
+            if label == stock:
+                versus = f"p99 {f['p99']:.1f} ms"
+            else:
+                versus = (f"{f['rps'] / base['rps']:.2f}x stock httptools; "
+                          f"p99 {f['p99']:.1f} ms ({f['p99'] / base['p99']:.2f}x stock)")
+            bad = f"; NON-200: {f['bad']}" if f["bad"] else ""
+            t.add(name, f"{metric}, {label}", f["rps"], target="informational",
+                  note=f"{versus}; rounds {f['rounds']}; {f['cpu']}{bad}")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1363,6 +1469,7 @@ SCENARIOS = {
     "idle": (scenario_idle, 60, 20),
     "scaleout": (scenario_scaleout, 60, 20),
     "limits": (scenario_limits, 70, 25),
+    "protocol": (scenario_protocol, 60, 25),
 }
 
 
@@ -1388,6 +1495,8 @@ def machine_lines(bench):
         "stamped in the text by the same process",
         "limits against abuse are off in every row except the limits row "
         f"({', '.join(f'{k}={v}' for k, v in LIMITS_OFF.items())}; row 8 sets MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r})",
+        f"chat servers: uvicorn chat:app {' '.join(SERVE_FLAGS)} --http {SHIPPED_HTTP} (as deployed); "
+        f"row 9 swaps --http for {', '.join(http for _, http in PROTOCOLS[1:])}",
     ]
 
 
@@ -1424,7 +1533,7 @@ def raise_nofile_limit(needed=8192):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a shortened run (about two and a half minutes)")
+    parser.add_argument("--quick", action="store_true", help="a shortened run (about three minutes)")
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()

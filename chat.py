@@ -9,6 +9,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import datetime
 import gc
 import hashlib
 import hmac
@@ -68,6 +69,10 @@ def hide_tokens(record):
 for logger_name in ("uvicorn.access", "uvicorn.error", "uvicorn.asgi", "chat"):
     logging.getLogger(logger_name).addFilter(hide_tokens)
 
+
+
+class StartUpError(Exception):
+    """Start-up cannot go on; the message says why in one line."""
 
 
 def config_error(message):
@@ -200,8 +205,9 @@ database = new_database()
 POSTGRES_SPELLINGS = {"INTEGER PRIMARY KEY AUTOINCREMENT": "BIGSERIAL PRIMARY KEY"}
 
 
-def schema_statements():
-    text = (HERE / "schema.sql").read_text()
+def schema_statements(path):
+    """The statements of a SQL file of ours (schema.sql, or a migration), in this database's spelling."""
+    text = path.read_text()
     text = "\n".join(line.split("--")[0] for line in text.splitlines())
     if not USES_SQLITE:
         for sqlite_phrase, postgres_phrase in POSTGRES_SPELLINGS.items():
@@ -210,6 +216,11 @@ def schema_statements():
 
 
 SCHEMA_LOCK = 4_711_001  # any number: the PostgreSQL advisory lock held while applying the schema
+
+# Upgrades of a database made by an earlier release: migrations/NNN_*.sql, applied in order, each
+# once. Version 1 is the first release's schema, which had no schema_version table.
+MIGRATIONS = {int(path.name[:3]): path for path in sorted((HERE / "migrations").glob("[0-9][0-9][0-9]_*.sql"))}
+SCHEMA_VERSION = max(MIGRATIONS, default=1)  # the version schema.sql makes
 
 
 def db():
@@ -240,20 +251,53 @@ async def index_name_skeletons(connection):
     await connection.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS users_name_skeleton ON users ({NAME_SKELETON})")
 
 
+async def table_exists(connection, name):
+    if USES_SQLITE:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"
+    else:
+        query = "SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = :name"
+    return await connection.fetch_val(query, {"name": name}) is not None
+
+
+async def stored_schema_version(connection):
+    """The database's schema version: 0 for an empty database, 1 for the first release's."""
+    if await table_exists(connection, "schema_version"):
+        return await connection.fetch_val("SELECT max(version) FROM schema_version")
+    return 1 if await table_exists(connection, "users") else 0
+
+
+async def upgrade_schema(connection):
+    """Make an empty database, or bring an older one up to SCHEMA_VERSION. The caller holds a
+    transaction, so a step that fails leaves the database as it was."""
+    version = await stored_schema_version(connection)
+    if version > SCHEMA_VERSION:
+        raise StartUpError(f"the database's schema is version {version}, newer than this chat.py's {SCHEMA_VERSION}")
+    steps = [HERE / "schema.sql"] if version == 0 else [MIGRATIONS[n] for n in sorted(MIGRATIONS) if n > version]
+    for path in steps:
+        try:
+            for statement in schema_statements(path):
+                await connection.execute(statement)
+        except Exception as error:
+            raise StartUpError(f"upgrading the database with {path.name} failed, so it is left as it was: {error}")
+    if steps:
+        await connection.execute("DELETE FROM schema_version")
+        await connection.execute("INSERT INTO schema_version (version) VALUES (:version)", {"version": SCHEMA_VERSION})
+        if version:
+            log.warning("upgraded the database's schema from version %s to %s", version, SCHEMA_VERSION)
+    await index_name_skeletons(connection)
+
+
 async def apply_schema():
     if USES_SQLITE:
         await db().execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
-        for statement in schema_statements():
-            await db().execute(statement)
-        await index_name_skeletons(db())
+        async with db().transaction():
+            await upgrade_schema(db())
         return
-    # Processes starting together (uvicorn --workers 4) take turns: PostgreSQL's
-    # CREATE ... IF NOT EXISTS fails when a twin statement runs at the same moment.
-    async with database.transaction():
-        await database.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
-        for statement in schema_statements():
-            await database.execute(statement)
-        await index_name_skeletons(database)
+    # Processes starting together (uvicorn --workers 4) take turns: the first upgrades, the
+    # others then find the database up to date.
+    async with database.connection() as connection, connection.transaction():
+        await connection.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        await upgrade_schema(connection)
 
 
 async def find_user(username):
@@ -269,19 +313,27 @@ async def name_taken_by_look_alike(username):
     )
 
 
+def utc_now():
+    """This process's clock, as messages record it: "2026-11-25T21:04:05.123Z"."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 async def insert_message(username, text):
-    return await db().fetch_val(
-        "INSERT INTO messages (username, text) VALUES (:username, :text) RETURNING id",
-        {"username": username, "text": text},
+    """Store a message; returns its id and created_at."""
+    created_at = utc_now()
+    message_id = await db().fetch_val(
+        "INSERT INTO messages (username, text, created_at) VALUES (:username, :text, :created_at) RETURNING id",
+        {"username": username, "text": text, "created_at": created_at},
     )
+    return message_id, created_at
 
 
 LATEST_MESSAGES = """
-    SELECT id, username, text FROM (
-        SELECT id, username, text FROM messages WHERE id < :before ORDER BY id DESC LIMIT :limit
+    SELECT id, username, text, created_at FROM (
+        SELECT id, username, text, created_at FROM messages WHERE id < :before ORDER BY id DESC LIMIT :limit
     ) AS latest ORDER BY id"""
 MESSAGES_AFTER = """
-    SELECT id, username, text FROM messages
+    SELECT id, username, text, created_at FROM messages
     WHERE id > :after AND id < :before ORDER BY id LIMIT :limit"""
 NO_ID_LIMIT = 2**62
 
@@ -293,7 +345,12 @@ async def fetch_messages(limit, before=None, after=None):
         rows = await db().fetch_all(LATEST_MESSAGES, values)
     else:
         rows = await db().fetch_all(MESSAGES_AFTER, {**values, "after": after})
-    return [{"id": row["id"], "username": row["username"], "text": row["text"]} for row in rows]
+    return [message_fields(row["id"], row["username"], row["text"], row["created_at"]) for row in rows]
+
+
+def message_fields(id, username, text, created_at):
+    """A message as history items and format=json frames show it."""
+    return {"id": id, "username": username, "text": text, "created_at": created_at, "type": "message"}
 
 
 # ---------------------------------------------------------------- passwords and tokens
@@ -778,10 +835,9 @@ recent_ids = collections.deque(maxlen=10_000)  # delivered ids, so a message is 
 recent_id_set = set()
 
 
-def chat_message(id, username, text):
-    """A stored message with both of its wire forms rendered once, not once per client."""
-    fields = {"id": id, "username": username, "text": text}
-    return {**fields, "line": f"{username}: {text}", "json": json.dumps(fields)}
+def chat_message(fields):
+    """A stored message (its message_fields) with both of its wire forms rendered once, not once per client."""
+    return {**fields, "line": f"{fields['username']}: {fields['text']}", "json": json.dumps(fields)}
 
 
 def deliver(message):
@@ -849,7 +905,7 @@ def verified_message(data):
     if hmac.compare_digest(signature, channel_signature(payload)):
         with contextlib.suppress(ValueError, TypeError):
             fields = json.loads(payload)
-            return chat_message(fields["id"], fields["username"], fields["text"])
+            return chat_message(message_fields(fields["id"], fields["username"], fields["text"], fields["created_at"]))
     if time.monotonic() >= service.get("forgery_warned_at", -60) + 60:
         service["forgery_warned_at"] = time.monotonic()
         log.warning("dropped a message on the Redis channel %r that was not signed with this SECRET_KEY", BROADCAST_CHANNEL)
@@ -858,7 +914,8 @@ def verified_message(data):
 
 async def store_and_publish(username, text):
     async with messages_in_id_order():
-        message = chat_message(await insert_message(username, text), username, text)
+        message_id, created_at = await insert_message(username, text)
+        message = chat_message(message_fields(message_id, username, text, created_at))
         redis_client = service.get("redis")
         if redis_client is None:
             deliver(message)
@@ -887,7 +944,7 @@ async def relay_from_redis(redis_client, last_relayed_id, subscribed):
                     log.warning("reconnected to Redis; delivering messages stored meanwhile")
                     while rows := await fetch_messages(1000, after=last_relayed_id):
                         for row in rows:
-                            deliver(chat_message(**row))
+                            deliver(chat_message(row))
                         last_relayed_id = rows[-1]["id"]
                     lost = False
                 async for item in pubsub.listen():
@@ -910,7 +967,7 @@ async def replay(websocket, after, as_json):
     sent = 0
     while rows := await fetch_messages(500, after=after):
         for row in rows:
-            message = chat_message(**row)
+            message = chat_message(row)
             if sent == REPLAY_LIMIT:
                 return None
             try:

@@ -1,4 +1,6 @@
--- The chat service's schema, applied at every start-up; every statement is idempotent.
+-- The chat service's schema: what an empty database is given at its first start-up. A database
+-- made by an earlier release is brought up to date by migrations/NNN_*.sql instead, so a change
+-- here needs a migration too (and SCHEMA_VERSION follows the highest migration's number).
 -- Written for SQLite; chat.py swaps the one phrase PostgreSQL spells differently
 -- ("INTEGER PRIMARY KEY AUTOINCREMENT" becomes "BIGSERIAL PRIMARY KEY").
 
@@ -13,7 +15,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS users_username_lower ON users (lower(username)
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     username TEXT NOT NULL REFERENCES users (username),
-    text TEXT NOT NULL
+    text TEXT NOT NULL,
+    created_at TEXT                     -- when stored: server UTC, ISO 8601 with ms and Z; NULL
+                                        -- for messages stored before version 2
 );
 
 -- One row per refresh token issued; rows are deleted on theft (all of that user's) or once expired.
@@ -27,3 +31,8 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
 
 CREATE INDEX IF NOT EXISTS refresh_tokens_username ON refresh_tokens (username);
 CREATE INDEX IF NOT EXISTS refresh_tokens_expires_at ON refresh_tokens (expires_at);
+
+-- The schema's version (one row), so that start-up knows which migrations to apply.
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL
+);

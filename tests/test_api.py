@@ -1,6 +1,8 @@
 """The seed's HTTP API, exactly as the seed document describes it, through the in-process app."""
 
+import datetime
 import os
+import re
 import subprocess
 import sys
 import time
@@ -86,20 +88,28 @@ def test_messages_need_a_valid_access_token(client, user):
 
 
 def store(client, username, *texts):
-    return [client.portal.call(chat.insert_message, username, text) for text in texts]
+    """Store messages directly; returns their ids."""
+    return [client.portal.call(chat.insert_message, username, text)[0] for text in texts]
 
 
-def test_messages_are_listed_ascending_with_seed_fields(client, user):
+def test_messages_are_listed_ascending_with_seed_fields_and_their_time(client, user):
     name, tokens = user
+    before = datetime.datetime.now(datetime.timezone.utc)
     ids = store(client, name, "first", "second", "third")
+    after = datetime.datetime.now(datetime.timezone.utc)
     response = client.get("/auth/messages", headers=bearer(tokens))
     assert response.status_code == 200
     messages = response.json()
-    assert messages[-3:] == [
-        {"id": ids[0], "username": name, "text": "first"},
-        {"id": ids[1], "username": name, "text": "second"},
-        {"id": ids[2], "username": name, "text": "third"},
+    assert [{key: m[key] for key in ("id", "username", "text", "type")} for m in messages[-3:]] == [
+        {"id": ids[0], "username": name, "text": "first", "type": "message"},
+        {"id": ids[1], "username": name, "text": "second", "type": "message"},
+        {"id": ids[2], "username": name, "text": "third", "type": "message"},
     ]
+    for message in messages[-3:]:
+        assert set(message) == {"id", "username", "text", "created_at", "type"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", message["created_at"]), message
+        stored = datetime.datetime.fromisoformat(message["created_at"].replace("Z", "+00:00"))
+        assert before - datetime.timedelta(milliseconds=1) <= stored <= after
     assert [m["id"] for m in messages] == sorted(m["id"] for m in messages)
 
 
@@ -164,6 +174,11 @@ def test_users_and_messages_survive_a_restart():
 
 
 def test_schema_applies_twice_without_error(client):
-    for statement in chat.schema_statements():
+    for statement in chat.schema_statements(chat.HERE / "schema.sql"):
         client.portal.call(chat.database.execute, statement)
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_a_new_database_records_the_latest_schema_version(client):
+    assert client.portal.call(chat.database.fetch_val, "SELECT count(*) FROM schema_version") == 1
+    assert client.portal.call(chat.database.fetch_val, "SELECT version FROM schema_version") == chat.SCHEMA_VERSION == 2

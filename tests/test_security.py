@@ -691,10 +691,10 @@ CLEANED_TEXTS = {
 }
 
 
-async def receive_until(websocket, marker):
-    """Frames received up to and including the first one that ends with `marker`."""
+async def receive_until(websocket, is_last):
+    """Frames received up to and including the first for which `is_last(frame)` holds."""
     frames = []
-    while not frames or not frames[-1].endswith(marker):
+    while not frames or not is_last(frames[-1]):
         frames.append(await asyncio.wait_for(websocket.recv(), timeout=10))
     return frames
 
@@ -708,9 +708,8 @@ async def chat_through_websockets(base_url, token, username):
             await as_json.send(IGNORED_TEXTS[number % len(IGNORED_TEXTS)])
             await as_json.send(text)
         await as_json.send(marker)
-        lines = await receive_until(plain, marker)
-        json_marker = json.dumps(marker) + "}"  # how a json frame carrying the marker ends
-        frames = [json.loads(frame) for frame in await receive_until(as_json, json_marker)]
+        lines = await receive_until(plain, lambda line: line.endswith(marker))
+        frames = [json.loads(frame) for frame in await receive_until(as_json, lambda frame: json.loads(frame)["text"] == marker)]
     return frames, lines, marker
 
 

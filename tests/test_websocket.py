@@ -97,8 +97,9 @@ def test_json_format_frames(server, http, alice):
         async with connect(ws_url(server, alice[1]["access_token"], format="json")) as ws:
             await ws.send("in json")
             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            assert set(frame) == {"id", "username", "text"}
-            assert (frame["username"], frame["text"]) == (alice[0], "in json")
+            assert set(frame) == {"id", "username", "text", "created_at", "type"}
+            assert (frame["username"], frame["text"], frame["type"]) == (alice[0], "in json", "message")
+            assert frame["created_at"].endswith("Z") and len(frame["created_at"]) == len("2026-11-25T21:04:05.123Z")
             assert history(http, alice[1], after=frame["id"] - 1)[0] == frame
 
     run(scenario())
