@@ -290,8 +290,15 @@ async def upgrade_schema(connection):
 async def apply_schema():
     if USES_SQLITE:
         await db().execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
-        async with db().transaction():
+        # IMMEDIATE takes the write lock first: processes starting together take turns, where two
+        # plain transactions that read the version and then write would fail each other.
+        await db().execute("BEGIN IMMEDIATE")
+        try:
             await upgrade_schema(db())
+        except BaseException:
+            await db().execute("ROLLBACK")
+            raise
+        await db().execute("COMMIT")
         return
     # Processes starting together (uvicorn --workers 4) take turns: the first upgrades, the
     # others then find the database up to date.
@@ -1250,26 +1257,44 @@ async def stop_service():
 
 
 def start_on_first_use(app):
-    """Middleware: make sure the database is ready before any request, mounted or not."""
+    """Middleware: make sure the database is ready before any request, mounted or not; and a
+    lifespan whose start-up fails for a known reason reports that in one line, not a traceback."""
 
     async def asgi(scope, receive, send):
-        if scope["type"] in ("http", "websocket"):
-            started = service.get("started")
-            ready = started and started.done() and not started.cancelled() and not started.exception()
-            if not (ready and started.get_loop() is asyncio.get_running_loop()):
-                try:
-                    await start_service()
-                except Exception:
+        if scope["type"] == "lifespan":
+            return await app(scope, receive, one_line_start_up_failure(send))
+        started = service.get("started")
+        ready = started and started.done() and not started.cancelled() and not started.exception()
+        if not (ready and started.get_loop() is asyncio.get_running_loop()):
+            try:
+                await start_service()
+            except Exception as error:
+                if isinstance(error, StartUpError):
+                    log.error("could not start the chat service: %s", error)
+                else:
                     log.exception("could not start the chat service")
-                    if scope["type"] == "http":
-                        response = JSONResponse({"detail": "The database is not answering"}, 503)
-                        return await response(scope, receive, send)
-                    await receive()  # the connect event; accept so that the client really sees 1011
-                    await send({"type": "websocket.accept"})
-                    return await send({"type": "websocket.close", "code": 1011})
+                return await refuse_while_not_started(scope, receive, send)
         await app(scope, receive, send)
 
     return asgi
+
+
+def one_line_start_up_failure(send):
+    async def send_one_line(message):
+        if message["type"] == "lifespan.startup.failed" and service.get("start_up_error"):
+            message = {**message, "message": f"chat: cannot start: {service['start_up_error']}"}
+        await send(message)
+
+    return send_one_line
+
+
+async def refuse_while_not_started(scope, receive, send):
+    if scope["type"] == "http":
+        response = JSONResponse({"detail": "The database is not answering"}, 503)
+        return await response(scope, receive, send)
+    await receive()  # the connect event; accept so that the client really sees 1011
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": 1011})
 
 
 def limit_body_size(app):
@@ -1335,7 +1360,13 @@ def close_websockets_on_exit_signals():
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    await start_service()
+    try:
+        await start_service()
+    except Exception as error:
+        await stop_service()  # or the database's thread keeps the failed process alive
+        if isinstance(error, StartUpError):
+            service["start_up_error"] = str(error)  # for one_line_start_up_failure
+        raise
     freeze_startup_objects()  # process-wide, so only when chat's lifespan runs
     raise_open_file_limit()
     restore_signal_handlers = close_websockets_on_exit_signals()
