@@ -110,6 +110,9 @@ LOGIN_LIMIT = env_limit("LOGIN_LIMIT", "10 per 15 minutes")  # failed logins per
 REGISTER_LIMIT = env_limit("REGISTER_LIMIT", "20 per hour")  # registrations per address
 MESSAGE_LIMIT = env_limit("MESSAGE_LIMIT", "30 per 10 seconds")  # messages per user, all sockets
 MAX_SOCKETS_PER_USER = env_int("MAX_SOCKETS_PER_USER", 10, 0, 1_000_000)  # in one process; 0: no limit
+# With Redis, a process's presence counts expire this long after its last renewal (every third of
+# it), so the sockets of a process that died stop counting within this time.
+PRESENCE_EXPIRY_SECONDS = env_int("PRESENCE_EXPIRY_SECONDS", 60, 3, 3600)
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "").strip() or "sqlite+aiosqlite:///./chat.db"
 DATABASE_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"}
@@ -799,12 +802,19 @@ schemas = SchemaGenerator(
                 },
                 "ChatMessage": {
                     "type": "object",
-                    "required": ["id", "username", "text"],
+                    "required": ["id", "username", "text", "created_at", "type"],
                     "properties": {
                         "id": {"type": "integer"},
                         "username": {"type": "string"},
                         "text": {"type": "string"},
+                        "created_at": {"type": "string", "nullable": True, "description": "UTC, ISO 8601 with ms and Z"},
+                        "type": {"type": "string", "enum": ["message"]},
                     },
+                },
+                "Online": {
+                    "type": "object",
+                    "required": ["username", "connections"],
+                    "properties": {"username": {"type": "string"}, "connections": {"type": "integer"}},
                 },
             },
             "responses": {
@@ -855,11 +865,18 @@ def deliver(message):
         recent_id_set.discard(recent_ids[0])
     recent_ids.append(message["id"])
     recent_id_set.add(message["id"])
-    for websocket, outbox in list(clients.items()):
+    queue_for(list(clients), message)
+
+
+def queue_for(websockets, frame):
+    for websocket in websockets:
+        outbox = clients.get(websocket)
+        if outbox is None:
+            continue
         if outbox.qsize() >= OUTBOX_LIMIT:
             close_client(websocket, CLOSE_TOO_SLOW)
         else:
-            outbox.put_nowait(message)
+            outbox.put_nowait(frame)
 
 
 def close_client(websocket, code):
@@ -905,13 +922,16 @@ def signed(payload):
     return channel_signature(payload.encode()) + b" " + payload.encode()
 
 
-def verified_message(data):
-    """The message in a payload from the Redis channel if its signature holds, else None
-    (with a warning at most once a minute: anyone who can publish there could flood the log)."""
+def verified_event(data):
+    """A message, or a presence event, from a payload on the Redis channel if its signature
+    holds, else None (with a warning at most once a minute: anyone who can publish there could
+    flood the log)."""
     signature, _, payload = data.partition(b" ")
     if hmac.compare_digest(signature, channel_signature(payload)):
-        with contextlib.suppress(ValueError, TypeError):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
             fields = json.loads(payload)
+            if fields["type"] == "presence":
+                return presence_event(fields["username"], fields["online"])
             return chat_message(message_fields(fields["id"], fields["username"], fields["text"], fields["created_at"]))
     if time.monotonic() >= service.get("forgery_warned_at", -60) + 60:
         service["forgery_warned_at"] = time.monotonic()
@@ -955,9 +975,12 @@ async def relay_from_redis(redis_client, last_relayed_id, subscribed):
                         last_relayed_id = rows[-1]["id"]
                     lost = False
                 async for item in pubsub.listen():
-                    if item["type"] == "message" and (message := verified_message(item["data"])):
-                        last_relayed_id = max(last_relayed_id, message["id"])
-                        deliver(message)
+                    event = verified_event(item["data"]) if item["type"] == "message" else None
+                    if event and event["type"] == "presence":
+                        deliver_presence(event)
+                    elif event:
+                        last_relayed_id = max(last_relayed_id, event["id"])
+                        deliver(event)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -966,6 +989,135 @@ async def relay_from_redis(redis_client, last_relayed_id, subscribed):
             lost = True
             await asyncio.sleep(1)
 
+
+# ---------------------------------------------------------------- presence
+
+# Open websockets per user in this process (for MAX_SOCKETS_PER_USER, and presence).
+sockets_per_user = collections.Counter()
+presence_sockets = set()  # the websockets that asked for presence=1
+known_online = set()  # who this process last knew to be online anywhere
+
+
+def presence_event(username, online):
+    fields = {"type": "presence", "username": username, "online": online}
+    return {**fields, "json": json.dumps(fields)}
+
+
+def deliver_presence(event):
+    """Queue a join or leave for every local websocket that asked for presence."""
+    (known_online.add if event["online"] else known_online.discard)(event["username"])
+    service.setdefault("presence_changed", set()).add(event["username"])
+    queue_for(list(presence_sockets), event)
+
+
+# With Redis, each process keeps a hash of its users' socket counts, which expires unless the
+# process renews it, and a set names those hashes. Setting a count and summing it over every
+# process happen in one script, so that of two processes whose users connect at once exactly
+# one sees the first socket (a join), and of two that disconnect, one sees the last (a leave).
+SET_PRESENCE = """
+local before = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    before = before + tonumber(redis.call('HGET', key, ARGV[1]) or 0)
+end
+local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or 0)
+if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) else redis.call('HDEL', KEYS[2], ARGV[1]) end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[1], KEYS[2])
+return {before, before - old + tonumber(ARGV[2])}
+"""
+ONLINE_EVERYWHERE = """
+local counts = {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    local fields = redis.call('HGETALL', key)
+    if #fields == 0 and redis.call('EXISTS', key) == 0 then redis.call('SREM', KEYS[1], key) end
+    for i = 1, #fields, 2 do counts[fields[i]] = (counts[fields[i]] or 0) + tonumber(fields[i + 1]) end
+end
+local flat = {}
+for username, count in pairs(counts) do table.insert(flat, username); table.insert(flat, count) end
+return flat
+"""
+PRESENCE_PROCESSES = f"{BROADCAST_CHANNEL}:presence"  # the set of every process's hash
+PRESENCE_OF_THIS_PROCESS = f"{BROADCAST_CHANNEL}:presence:{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+async def presence_changed(username):
+    """Tell everyone when `username`'s first socket (over all processes) opened or their last closed."""
+    redis_client = service.get("redis")
+    if redis_client is None:
+        if sockets_per_user[username] <= 1:  # 1: the first just opened; 0: the last just closed
+            deliver_presence(presence_event(username, sockets_per_user[username] == 1))
+        return
+    try:
+        async with service["presence_lock"]:  # one update at a time, in the order they happened
+            before, after = await redis_client.eval(
+                SET_PRESENCE, 2, PRESENCE_PROCESSES, PRESENCE_OF_THIS_PROCESS, username,
+                sockets_per_user[username], PRESENCE_EXPIRY_SECONDS,
+            )
+        if (before == 0) != (after == 0):
+            await redis_client.publish(BROADCAST_CHANNEL, signed(presence_event(username, after > 0)["json"]))
+    except (redis.RedisError, OSError) as error:
+        log.warning("could not share presence through Redis (%s); telling this process only", error)
+        deliver_presence(presence_event(username, sockets_per_user[username] > 0))
+
+
+def in_background(coroutine):
+    """Run a coroutine without waiting for it (kept referenced until it is done)."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    service.setdefault("background", set()).add(task)
+    task.add_done_callback(service["background"].discard)
+
+
+async def online_counts():
+    """{username: open websockets} over every process (this one's alone while Redis is away)."""
+    redis_client = service.get("redis")
+    if redis_client is not None:
+        try:
+            flat = await redis_client.eval(ONLINE_EVERYWHERE, 1, PRESENCE_PROCESSES)
+            return {name.decode(): int(count) for name, count in zip(flat[::2], flat[1::2])}
+        except (redis.RedisError, OSError) as error:
+            log.warning("could not read presence from Redis (%s); answering with this process's", error)
+    return dict(sockets_per_user)
+
+
+async def renew_presence(redis_client):
+    """Keep this process's presence hash alive (rewritten whole, in case Redis restarted), and
+    reconcile: users who vanished without a leave (their process died) get one, and the reverse."""
+    while True:
+        try:
+            service["presence_changed"] = set()
+            async with service["presence_lock"]:
+                async with redis_client.pipeline(transaction=True) as pipe:
+                    pipe.delete(PRESENCE_OF_THIS_PROCESS)
+                    if sockets_per_user:
+                        pipe.hset(PRESENCE_OF_THIS_PROCESS, mapping=dict(sockets_per_user))
+                    pipe.expire(PRESENCE_OF_THIS_PROCESS, PRESENCE_EXPIRY_SECONDS)
+                    pipe.sadd(PRESENCE_PROCESSES, PRESENCE_OF_THIS_PROCESS)
+                    await pipe.execute()
+            online = set(await online_counts())
+            changed_meanwhile = service["presence_changed"]
+            for username in (known_online - online) - changed_meanwhile:
+                deliver_presence(presence_event(username, False))
+            for username in (online - known_online) - changed_meanwhile:
+                deliver_presence(presence_event(username, True))
+        except (redis.RedisError, OSError) as error:
+            log.debug("could not renew presence in Redis: %s", error)
+        await asyncio.sleep(PRESENCE_EXPIRY_SECONDS / 3)
+
+
+async def online(request):
+    """
+    summary: Who is online now, over every process, sorted by username.
+    security: [{bearer: []}]
+    responses:
+      200: {description: Users with at least one open websocket, content: {application/json: {schema: {type: array, items: {$ref: '#/components/schemas/Online'}}}}}
+      401: {$ref: '#/components/responses/Error'}
+    """
+    bearer_user(request)
+    counts = await online_counts()
+    return JSONResponse([{"username": name, "connections": counts[name]} for name in sorted(counts)])
+
+
+# ---------------------------------------------------------------- websocket routes
 
 async def replay(websocket, after, as_json):
     """Send the stored messages newer than `after`; returns the last id sent. Returns None for a
@@ -994,7 +1146,9 @@ async def send_outbox(websocket, outbox, as_json, replayed_through):
             if isinstance(item, int):
                 await websocket.close(item, CLOSE_REASONS.get(item))
                 return
-            if item["id"] > (replayed_through or 0):  # queued during the replay and already sent by it
+            if item["type"] == "presence":
+                await websocket.send_text(item["json"])
+            elif item["id"] > (replayed_through or 0):  # queued during the replay and already sent by it
                 await websocket.send_text(item["json"] if as_json else item["line"])
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client is gone, or closed first
@@ -1034,15 +1188,34 @@ def socket_token(websocket):
     return websocket.query_params.get("token")
 
 
-# Open websockets per user in this process, for MAX_SOCKETS_PER_USER.
-sockets_per_user = collections.Counter()
+def socket_options(websocket):
+    """(as_json, after, presence) from the query, or None when a value is bad."""
+    query = websocket.query_params
+    raw_after, frame_format, presence = query.get("after"), query.get("format"), query.get("presence")
+    after = None if raw_after is None else whole_number(raw_after)
+    if frame_format not in (None, "json") or (raw_after is not None and after is None):
+        return None
+    if presence not in (None, "0", "1") or (presence == "1" and frame_format != "json"):
+        return None
+    return frame_format == "json", after, presence == "1"
+
+
+def socket_opened(username):
+    sockets_per_user[username] += 1
+    if sockets_per_user[username] == 1:
+        in_background(presence_changed(username))
+
+
+def socket_closed(username):
+    sockets_per_user[username] -= 1
+    if not sockets_per_user[username]:
+        del sockets_per_user[username]
+        in_background(presence_changed(username))
 
 
 async def chat_socket(websocket):
     claims = decode_token(socket_token(websocket), "access")
-    frame_format = websocket.query_params.get("format")
-    raw_after = websocket.query_params.get("after")
-    after = None if raw_after is None else whole_number(raw_after)
+    options = socket_options(websocket)
     outbox = asyncio.Queue()
     if claims:
         clients[websocket] = outbox  # before the handshake: a connected client misses nothing
@@ -1054,19 +1227,21 @@ async def chat_socket(websocket):
         if not user:
             await websocket.close(1008, "Invalid or expired token")
             return
-        if frame_format not in (None, "json") or (raw_after is not None and after is None):
-            await websocket.close(1008, "format must be json and after a message id")
+        if options is None:
+            await websocket.close(1008, "format must be json, after a message id, and presence 1 with format json")
             return
         if MAX_SOCKETS_PER_USER and sockets_per_user[user["username"]] >= MAX_SOCKETS_PER_USER:
             await websocket.close(CLOSE_TOO_MANY, "Too many connections")
             return
+        as_json, after, presence = options
+        if presence:
+            presence_sockets.add(websocket)
         username = user["username"]
-        sockets_per_user[username] += 1
+        socket_opened(username)
         # A socket lives no longer than the token it was opened with.
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, claims["exp"] - time.time()), close_client, websocket, CLOSE_TOKEN_EXPIRED
         )
-        as_json = frame_format == "json"
         replayed_through = await replay(websocket, after, as_json) if after is not None else 0
         if replayed_through is None:
             close_client(websocket, CLOSE_TOO_SLOW)
@@ -1079,14 +1254,13 @@ async def chat_socket(websocket):
         pass
     finally:
         clients.pop(websocket, None)
+        presence_sockets.discard(websocket)
         if writer is not None:
             writer.cancel()
         if expiry is not None:
             expiry.cancel()
         if username is not None:
-            sockets_per_user[username] -= 1
-            if not sockets_per_user[username]:
-                del sockets_per_user[username]
+            socket_closed(username)
 
 
 async def close_all_websockets(code, wait_seconds=2.0):
@@ -1192,6 +1366,7 @@ service = {}
 async def set_up_service():
     recent_ids.clear()
     recent_id_set.clear()
+    known_online.clear()
     await database.connect()
     if USES_SQLITE:
         connection = database.connection()
@@ -1201,6 +1376,7 @@ async def set_up_service():
         await connection.execute("PRAGMA synchronous=NORMAL")
     await apply_schema()
     service["publish_lock"] = asyncio.Lock()
+    service["presence_lock"] = asyncio.Lock()
     service["limiters"] = new_limiters()
     if BROADCAST_URL:
         last_id = await db().fetch_val("SELECT coalesce(max(id), 0) FROM messages")
@@ -1209,6 +1385,9 @@ async def set_up_service():
         service["relay"] = asyncio.create_task(relay_from_redis(service["redis"], last_id, subscribed))
         with contextlib.suppress(asyncio.TimeoutError):  # Redis may be down: serve anyway
             await asyncio.wait_for(subscribed.wait(), 5)
+        with contextlib.suppress(redis.RedisError, OSError):
+            known_online.update(await online_counts())
+        service["presence"] = asyncio.create_task(renew_presence(service["redis"]))
 
 
 def freeze_startup_objects():
@@ -1241,12 +1420,16 @@ async def start_service():
 
 
 async def stop_service():
-    relay = service.pop("relay", None)
-    if relay:
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
+    for name in ("relay", "presence"):
+        task = service.pop(name, None)
+        if task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if service.get("redis"):
+        with contextlib.suppress(redis.RedisError, OSError):  # this process's sockets count no more
+            await service["redis"].srem(PRESENCE_PROCESSES, PRESENCE_OF_THIS_PROCESS)
+            await service["redis"].delete(PRESENCE_OF_THIS_PROCESS)
         await service.pop("redis").aclose()
     connection = service.pop("sqlite", None)
     if connection is not None:
@@ -1399,6 +1582,7 @@ routes = [
     Route("/auth/refresh", refresh, methods=["POST"]),
     Route("/auth/logout", logout, methods=["POST"]),
     Route("/auth/messages", list_messages, methods=["GET"]),
+    Route("/auth/online", online, methods=["GET"]),
     WebSocketRoute("/ws", chat_socket),
 ]
 

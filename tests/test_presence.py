@@ -1,0 +1,169 @@
+"""Who is online (SPEC section 9): GET /auth/online and presence frames on format=json&presence=1,
+in one process and across processes sharing Redis, including a process that dies without closing."""
+
+import asyncio
+import json
+import secrets
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import REDIS_URL, register_and_login, running_server, ws_url
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+def online(base_url, tokens):
+    response = httpx.get(base_url + "/auth/online", headers={"Authorization": f"Bearer {tokens['access_token']}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def presence_frames(ws, seconds):
+    """The presence frames a socket receives within `seconds`."""
+    frames = []
+    with_deadline = asyncio.get_running_loop().time() + seconds
+    while (left := with_deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), left))
+        except asyncio.TimeoutError:
+            break
+        if frame["type"] == "presence":
+            frames.append((frame["username"], frame["online"]))
+    return frames
+
+
+async def wait_for_presence(ws, expected, seconds=10):
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), deadline - asyncio.get_running_loop().time()))
+        if frame["type"] == "presence" and (frame["username"], frame["online"]) == expected:
+            return
+    raise AssertionError(f"no presence frame {expected}")
+
+
+def watch(base_url, tokens):
+    return connect(ws_url(base_url, tokens["access_token"], format="json", presence="1"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as (base_url, _):
+        yield base_url
+
+
+def test_joins_and_leaves_are_per_user_not_per_socket(server):
+    with httpx.Client(base_url=server) as http:
+        alice, alice_tokens = register_and_login(http)
+        bob, bob_tokens = register_and_login(http)
+
+    async def scenario():
+        async with watch(server, alice_tokens) as watcher:
+            await wait_for_presence(watcher, (alice, True))  # a socket hears its own user's join
+            bob_first = await connect(ws_url(server, bob_tokens["access_token"]))
+            await wait_for_presence(watcher, (bob, True))
+            bob_second = await connect(ws_url(server, bob_tokens["access_token"]))  # a second tab: no join
+            listed = {row["username"]: row["connections"] for row in online(server, alice_tokens)}
+            assert listed[bob] == 2 and listed[alice] == 1
+            await bob_first.close()
+            assert await presence_frames(watcher, 1) == []  # bob still has a socket open
+            await bob_second.close()
+            await wait_for_presence(watcher, (bob, False))
+            assert bob not in {row["username"] for row in online(server, alice_tokens)}
+
+    run(scenario())
+
+
+def test_online_is_sorted_by_username_and_needs_a_token(server):
+    with httpx.Client(base_url=server) as http:
+        users = [register_and_login(http, "z" + secrets.token_hex(3)), register_and_login(http, "A" + secrets.token_hex(3))]
+        assert http.get("/auth/online").status_code == 401
+        assert http.get("/auth/online", headers={"Authorization": "Bearer nonsense"}).status_code == 401
+
+    async def scenario():
+        sockets = [await connect(ws_url(server, tokens["access_token"])) for _, tokens in users]
+        rows = online(server, users[0][1])
+        assert [row["username"] for row in rows] == sorted(row["username"] for row in rows)
+        assert {name for name, _ in users} <= {row["username"] for row in rows}
+        assert all(set(row) == {"username", "connections"} for row in rows)
+        for ws in sockets:
+            await ws.close()
+
+    run(scenario())
+
+
+def test_sockets_without_presence_get_no_presence_frames_and_bad_values_are_refused(server):
+    with httpx.Client(base_url=server) as http:
+        _, alice_tokens = register_and_login(http)
+        bob, bob_tokens = register_and_login(http)
+
+    async def scenario():
+        async with connect(ws_url(server, alice_tokens["access_token"], format="json")) as plain:
+            async with connect(ws_url(server, bob_tokens["access_token"])):
+                await plain.send("hello")
+                frame = json.loads(await asyncio.wait_for(plain.recv(), 10))
+                assert frame["type"] == "message" and frame["text"] == "hello"
+        for query in ({"presence": "1"}, {"format": "json", "presence": "yes"}):
+            async with connect(ws_url(server, alice_tokens["access_token"], **query)) as ws:
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                assert ws.close_code == 1008
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- across processes
+
+
+@pytest.fixture
+def two_processes():
+    """Two servers on the test database and the machine's Redis, on a channel of their own,
+    with presence expiring after 3 s."""
+    env = {"BROADCAST_URL": REDIS_URL, "BROADCAST_CHANNEL": "chat-test-" + secrets.token_hex(4),
+           "PRESENCE_EXPIRY_SECONDS": "3"}
+    with running_server(env=env) as (first, first_process), running_server(env=env) as (second, second_process):
+        yield (first, first_process), (second, second_process)
+
+
+def test_two_users_on_two_processes_see_each_other_and_a_killed_process_drops_its_users(two_processes):
+    (first, _), (second, second_process) = two_processes
+    with httpx.Client(base_url=first) as http:
+        alice, alice_tokens = register_and_login(http)
+        bob, bob_tokens = register_and_login(http)
+
+    async def scenario():
+        async with watch(first, alice_tokens) as alice_ws:
+            async with watch(second, bob_tokens) as bob_ws:
+                await wait_for_presence(alice_ws, (bob, True))
+                for base_url in (first, second):
+                    names = {row["username"] for row in online(base_url, alice_tokens)}
+                    assert {alice, bob} <= names
+                second_process.kill()  # kill -9: bob's socket is never closed
+                second_process.wait()
+                await wait_for_presence(alice_ws, (bob, False), seconds=10)
+            assert bob not in {row["username"] for row in online(first, alice_tokens)}
+
+    run(scenario())
+
+
+def test_one_user_joining_on_two_processes_at_once_is_one_join(two_processes):
+    (first, _), (second, _) = two_processes
+    with httpx.Client(base_url=first) as http:
+        _, watcher_tokens = register_and_login(http)
+        carol, carol_tokens = register_and_login(http)
+
+    async def scenario():
+        async with watch(first, watcher_tokens) as watcher:
+            await presence_frames(watcher, 0.5)  # its own join
+            sockets = await asyncio.gather(*[connect(ws_url(base_url, carol_tokens["access_token"]))
+                                             for base_url in (first, second) for _ in range(3)])
+            assert await presence_frames(watcher, 2) == [(carol, True)]
+            assert {row["username"]: row["connections"] for row in online(second, watcher_tokens)}[carol] == 6
+            await asyncio.gather(*[ws.close() for ws in sockets])
+            assert await presence_frames(watcher, 2) == [(carol, False)]
+
+    run(scenario())
