@@ -7,6 +7,8 @@ clients. Stops at the first failure with a line saying what failed; exits 0 when
 """
 
 import asyncio
+import datetime
+import json
 import os
 import secrets
 import socket
@@ -68,9 +70,30 @@ def start_server():
     fail("the server did not answer /health within 30 s")
 
 
+def is_utc_time(value):
+    """ISO 8601 UTC with milliseconds and Z, as the server stamps messages: 2026-11-25T21:04:05.123Z."""
+    try:
+        return isinstance(value, str) and value.endswith("Z") and len(value) == 24 and bool(
+            datetime.datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        return False
+
+
 async def chat_between_two(base_url, alice, bob):
     ws_base = base_url.replace("http", "ws", 1) + "/ws?token="
     async with connect(ws_base + alice["token"]) as alice_ws, connect(ws_base + bob["token"]) as bob_ws:
+        with httpx.Client(base_url=base_url, timeout=10) as http:
+            listed = expect(http.get("/auth/online", headers={"Authorization": f"Bearer {alice['token']}"}),
+                            200, "GET /auth/online")
+            names = {row.get("username") for row in listed}
+            check({alice["name"], bob["name"]} <= names, "both connected users are listed as online")
+        async with connect(ws_base + bob["token"] + "&format=json") as as_json:
+            await as_json.send("a json frame")
+            frame = json.loads(await asyncio.wait_for(as_json.recv(), 5))
+            check(frame.get("type") == "message" and is_utc_time(frame.get("created_at")),
+                  f"a format=json frame has type and created_at ({frame!r})")
+        for ws in (alice_ws, bob_ws):
+            await asyncio.wait_for(ws.recv(), 5)  # the json frame's text, as the others see it
         await alice_ws.send("hello from alice")
         for name, ws in (("alice", alice_ws), ("bob", bob_ws)):
             frame = await asyncio.wait_for(ws.recv(), 5)
@@ -116,9 +139,11 @@ def run(base_url):
 
         history = expect(http.get("/auth/messages", headers={"Authorization": f"Bearer {users['bob']['token']}"}),
                          200, "GET /auth/messages")
-        mine = [(m["username"], m["text"]) for m in history if m["username"] in (users["alice"]["name"], users["bob"]["name"])]
-        check(mine == [(users["alice"]["name"], "hello from alice"), (users["bob"]["name"], "hi alice")],
-              "history holds both messages in order")
+        mine = [m for m in history if m["username"] in (users["alice"]["name"], users["bob"]["name"])]
+        check([(m["username"], m["text"]) for m in mine] == [
+            (users["bob"]["name"], "a json frame"), (users["alice"]["name"], "hello from alice"),
+            (users["bob"]["name"], "hi alice")], "history holds the messages in order")
+        check(all(is_utc_time(m.get("created_at")) for m in mine), "history items have created_at in UTC")
 
 
 def main():
