@@ -331,11 +331,19 @@ def utc_now():
 async def insert_message(username, text):
     """Store a message; returns its id and created_at."""
     created_at = utc_now()
-    message_id = await db().fetch_val(
-        "INSERT INTO messages (username, text, created_at) VALUES (:username, :text, :created_at) RETURNING id",
-        {"username": username, "text": text, "created_at": created_at},
-    )
+    (message_id,) = await insert_messages([(username, text)], created_at)
     return message_id, created_at
+
+
+async def insert_messages(messages, created_at):
+    """Store (username, text) pairs in one statement; returns their ids, in the pairs' order."""
+    rows = ", ".join(f"(:username{n}, :text{n}, :created_at)" for n in range(len(messages)))
+    values = {"created_at": created_at}
+    for n, (username, text) in enumerate(messages):
+        values |= {f"username{n}": username, f"text{n}": text}
+    found = await db().fetch_all(f"INSERT INTO messages (username, text, created_at) VALUES {rows} RETURNING id", values)
+    # The rows get ascending ids in the order of VALUES; RETURNING itself promises no order.
+    return sorted(row["id"] for row in found)
 
 
 LATEST_MESSAGES = """
@@ -932,55 +940,101 @@ def verified_event(data):
             fields = json.loads(payload)
             if fields["type"] == "presence":
                 return presence_event(fields["username"], fields["online"])
-            return chat_message(message_fields(fields["id"], fields["username"], fields["text"], fields["created_at"]))
+            messages = [message_fields(m["id"], m["username"], m["text"], m["created_at"]) for m in fields["messages"]]
+            return {"type": "messages", "messages": [chat_message(m) for m in messages]}
     if time.monotonic() >= service.get("forgery_warned_at", -60) + 60:
         service["forgery_warned_at"] = time.monotonic()
         log.warning("dropped a message on the Redis channel %r that was not signed with this SECRET_KEY", BROADCAST_CHANNEL)
     return None
 
 
+# Group commit: the messages that arrive while a batch is being written are stored together,
+# in one INSERT, then handed on in id order (on PostgreSQL + Redis: one lock, one publish).
+# A lone message is written at once.
+STORE_BATCH = 250  # messages in one INSERT (3 parameters each; SQLite allows 32,766)
+
+
 async def store_and_publish(username, text):
+    """Store a message and hand it on; returns once it is stored."""
+    stored = asyncio.get_running_loop().create_future()
+    service["to_store"].put_nowait((username, text, stored))
+    await stored
+
+
+async def store_in_batches(to_store):
+    """The one writer of messages: each round takes everything waiting, up to STORE_BATCH."""
+    while True:
+        batch = [await to_store.get()]
+        while len(batch) < STORE_BATCH and not to_store.empty():
+            batch.append(to_store.get_nowait())
+        try:
+            await store_batch([(username, text) for username, text, _ in batch])
+        except Exception as error:
+            for _, _, stored in batch:
+                if not stored.done():
+                    stored.set_exception(error)
+        else:
+            for _, _, stored in batch:
+                if not stored.done():
+                    stored.set_result(None)
+
+
+async def store_batch(batch):
     async with messages_in_id_order():
-        message_id, created_at = await insert_message(username, text)
-        message = chat_message(message_fields(message_id, username, text, created_at))
-        redis_client = service.get("redis")
-        if redis_client is None:
-            deliver(message)
+        created_at = utc_now()
+        ids = await insert_messages(batch, created_at)
+        messages = [chat_message(message_fields(id, username, text, created_at)) for id, (username, text) in zip(ids, batch)]
+        if service.get("publisher") is None:
+            for message in messages:
+                deliver(message)
             return
-        payload = signed(message["json"])
+        payload = signed(json.dumps({"type": "messages", "messages": [message_fields_of(m) for m in messages]}))
         try:
             try:
-                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, payload), 2)
+                await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
             except redis.ConnectionError:  # a connection from before a Redis restart fails once
-                await asyncio.wait_for(redis_client.publish(BROADCAST_CHANNEL, payload), 2)
-        except (redis.RedisError, asyncio.TimeoutError) as error:
-            log.warning("could not publish message %s to Redis (%s); delivering locally", message["id"], error)
-            deliver(message)
+                await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
+            log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
+                        "and the other processes fetch them", ids[0], ids[-1], error)
+            for message in messages:
+                deliver(message)
 
 
-async def relay_from_redis(redis_client, last_relayed_id, subscribed):
-    """Deliver what every process publishes to this process's websockets. When Redis comes
-    back after going away, first deliver what was stored meanwhile (deliver skips repeats)."""
+def message_fields_of(message):
+    return {key: message[key] for key in ("id", "username", "text", "created_at", "type")}
+
+
+GAP_CHECK_SECONDS = 2  # a relay that hears nothing for this long asks the database what it missed
+
+
+async def relay_from_redis(redis_client, last_id, subscribed):
+    """Deliver what every process publishes to this process's websockets, in id order, and
+    what no one published: a jump in the ids heard, or a quiet spell, makes the relay fetch
+    the missing messages from the database (a process that could not publish delivered them
+    only to its own clients). deliver() skips what it has delivered already."""
     lost = False
     while True:
         try:
-            async with redis_client.pubsub() as pubsub:
+            async with redis_client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(BROADCAST_CHANNEL)
                 subscribed.set()
                 if lost:
                     log.warning("reconnected to Redis; delivering messages stored meanwhile")
-                    while rows := await fetch_messages(1000, after=last_relayed_id):
-                        for row in rows:
-                            deliver(chat_message(row))
-                        last_relayed_id = rows[-1]["id"]
                     lost = False
-                async for item in pubsub.listen():
-                    event = verified_event(item["data"]) if item["type"] == "message" else None
-                    if event and event["type"] == "presence":
+                last_id = await catch_up(last_id)
+                while True:
+                    item = await pubsub.get_message(timeout=GAP_CHECK_SECONDS)
+                    event = verified_event(item["data"]) if item and item["type"] == "message" else None
+                    if event is None:
+                        last_id = await catch_up(last_id)
+                    elif event["type"] == "presence":
                         deliver_presence(event)
-                    elif event:
-                        last_relayed_id = max(last_relayed_id, event["id"])
-                        deliver(event)
+                    else:
+                        last_id = await catch_up(last_id, before=event["messages"][0]["id"])
+                        for message in event["messages"]:
+                            deliver(message)
+                        last_id = max(last_id, event["messages"][-1]["id"])
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -988,6 +1042,15 @@ async def relay_from_redis(redis_client, last_relayed_id, subscribed):
                 log.warning("lost the connection to Redis (%s); retrying every second", error)
             lost = True
             await asyncio.sleep(1)
+
+
+async def catch_up(last_id, before=None):
+    """Deliver the stored messages after `last_id` (and before `before`); returns the last id delivered."""
+    while rows := await fetch_messages(1000, after=last_id, before=before):
+        for row in rows:
+            deliver(chat_message(row))
+        last_id = rows[-1]["id"]
+    return last_id
 
 
 # ---------------------------------------------------------------- presence
@@ -1359,7 +1422,8 @@ def raise_open_file_limit():
 
 # ---------------------------------------------------------------- start-up, shutdown and the app
 
-# What start_service sets up on the running event loop: publish_lock, redis, relay, started.
+# What start_service sets up on the running event loop: the locks, the message writer and its
+# queue, the limiters, and with Redis its clients, the relay and the presence renewal.
 service = {}
 
 
@@ -1377,10 +1441,14 @@ async def set_up_service():
     await apply_schema()
     service["publish_lock"] = asyncio.Lock()
     service["presence_lock"] = asyncio.Lock()
+    service["to_store"] = asyncio.Queue()
+    service["writer"] = asyncio.create_task(store_in_batches(service["to_store"]))
     service["limiters"] = new_limiters()
     if BROADCAST_URL:
         last_id = await db().fetch_val("SELECT coalesce(max(id), 0) FROM messages")
-        service["redis"] = redis.asyncio.from_url(BROADCAST_URL, socket_connect_timeout=2)
+        service["redis"] = service["publisher"] = redis.asyncio.from_url(BROADCAST_URL, socket_connect_timeout=2)
+        if os.environ.get("CHAT_TEST_PUBLISH_URL"):  # a test hook: cut this process's publishing alone
+            service["publisher"] = redis.asyncio.from_url(os.environ["CHAT_TEST_PUBLISH_URL"], socket_connect_timeout=2)
         subscribed = asyncio.Event()
         service["relay"] = asyncio.create_task(relay_from_redis(service["redis"], last_id, subscribed))
         with contextlib.suppress(asyncio.TimeoutError):  # Redis may be down: serve anyway
@@ -1420,7 +1488,7 @@ async def start_service():
 
 
 async def stop_service():
-    for name in ("relay", "presence"):
+    for name in ("relay", "presence", "writer"):
         task = service.pop(name, None)
         if task:
             task.cancel()
@@ -1430,6 +1498,8 @@ async def stop_service():
         with contextlib.suppress(redis.RedisError, OSError):  # this process's sockets count no more
             await service["redis"].srem(PRESENCE_PROCESSES, PRESENCE_OF_THIS_PROCESS)
             await service["redis"].delete(PRESENCE_OF_THIS_PROCESS)
+        if service["publisher"] is not service["redis"]:
+            await service["publisher"].aclose()
         await service.pop("redis").aclose()
     connection = service.pop("sqlite", None)
     if connection is not None:
