@@ -16,11 +16,13 @@ import hmac
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import secrets
 import signal
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -32,6 +34,8 @@ import jwt
 import limits
 import limits.aio.storage
 import limits.aio.strategies
+import prometheus_client
+import prometheus_client.multiprocess
 import redis.asyncio
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -39,10 +43,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
 from starlette.websockets import WebSocketDisconnect
+import uvicorn.logging
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("chat")
@@ -193,6 +198,119 @@ CLOSE_REASONS = {
     CLOSE_TOO_MANY: "Too many messages",
 }
 BROADCAST_CHANNEL = os.environ.get("BROADCAST_CHANNEL", "").strip() or "chat:messages"
+
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "").strip()
+METRICS_ON = os.environ.get("METRICS", "on").strip().lower() not in ("0", "off")  # off: for the bench
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "").strip().lower() or "text"
+if LOG_FORMAT not in ("text", "json"):
+    config_error(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
+
+
+# ---------------------------------------------------------------- logs and metrics
+
+
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for log shippers."""
+
+    def format(self, record):
+        line = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logs():
+    """chat's lines go to stderr beside uvicorn's (unless a --log-config routed them already);
+    with LOG_FORMAT=json every line, uvicorn's too, is a JSON object."""
+    chat_log = logging.getLogger("chat")
+    if not chat_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False))
+        chat_log.addHandler(handler)
+        chat_log.setLevel(logging.INFO)
+        chat_log.propagate = False
+    if LOG_FORMAT == "json":
+        for name in ("chat", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            for handler in logging.getLogger(name).handlers:
+                handler.setFormatter(JsonLines())
+
+
+configure_logs()
+log_times = {}  # kind -> [when last logged, how many left out since]
+
+
+def log_now_and_then(kind, level, message, *args):
+    """Log at most one line a minute of this kind, saying how many were left out: an attacker
+    must not be able to flood the log."""
+    last = log_times.setdefault(kind, [-math.inf, 0])
+    if time.monotonic() - last[0] < 60:
+        last[1] += 1
+        return
+    if last[1]:
+        message += f" (and {last[1]} more like it in the last minute)"
+    log.log(level, message, *args)
+    log_times[kind] = [time.monotonic(), 0]
+
+
+def metrics_directory():
+    """Where the processes of `uvicorn --workers N` pool their metrics (prometheus_client's
+    multiprocess mode): PROMETHEUS_MULTIPROC_DIR if set, else a private folder per uvicorn
+    supervisor, cleaned of dead processes at start-up; None for a single process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    if multiprocessing.parent_process() is None:
+        return None
+    folder = Path(tempfile.gettempdir()) / f"chat-metrics-{os.getuid()}-{os.getppid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+        config_error(f"PROMETHEUS_MULTIPROC_DIR is not set and {folder} is not this user's own folder")
+    for stale in folder.glob("gauge_*.db"):  # live gauges of workers that are gone
+        pid = int(stale.stem.rpartition("_")[2])
+        if not Path(f"/proc/{pid}").exists():
+            prometheus_client.multiprocess.mark_process_dead(pid, str(folder))
+    return folder
+
+
+METRICS_DIRECTORY = metrics_directory() if METRICS_ON else None
+if METRICS_DIRECTORY is not None:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIRECTORY)
+    prometheus_client.values.ValueClass = prometheus_client.values.MultiProcessValue()
+
+
+def metric(kind, name, description, *args, **kwargs):
+    return kind(name, description, *args, **kwargs) if METRICS_ON else NO_METRIC
+
+
+class NoMetric:
+    """METRICS=off: every metric call does nothing."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
+NO_METRIC = NoMetric()
+Counter, Gauge, Histogram = prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram
+WEBSOCKETS_OPEN = metric(Gauge, "chat_websockets_open", "Open chat websockets", multiprocess_mode="livesum")
+MESSAGES_STORED = metric(Counter, "chat_messages_stored_total", "Messages stored")
+STORE_BATCHES = metric(Counter, "chat_store_batches_total", "INSERTs that stored messages (group commit)")
+FRAMES_DELIVERED = metric(Counter, "chat_frames_delivered_total", "Message and presence frames queued for local websockets")
+CLOSED_TOO_SLOW = metric(Counter, "chat_clients_closed_too_slow_total", "Websockets closed with 1013 as too far behind")
+LIMIT_REFUSALS = metric(Counter, "chat_limit_refusals_total", "Refusals past a limit against abuse", ["kind"])
+LOGINS = metric(Counter, "chat_logins_total", "Login attempts by result", ["result"])
+HTTP_DURATION = metric(Histogram, "chat_http_request_duration_seconds", "HTTP request duration",
+                       ["method", "route", "status"])
+DELIVERY_DELAY = metric(Histogram, "chat_delivery_delay_seconds",
+                        "From a message's storage to its queueing on every local websocket",
+                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
 # ---------------------------------------------------------------- SQL access
@@ -524,7 +642,14 @@ async def too_many_attempts(item, *keys):
 async def take_attempt(item, *keys):
     """Count one attempt against `item`, or raise a 429 (which counts nothing) when none is left."""
     if item and not await count(lambda limiter: limiter.hit(item, *keys)):
+        refused(keys[0], keys[1:])
         raise await too_many_attempts(item, *keys)
+
+
+def refused(kind, who):
+    """Count, and now and then log, a refusal past a limit."""
+    LIMIT_REFUSALS.labels(kind).inc()
+    log_now_and_then(f"limit {kind}", logging.WARNING, "refused past the %s limit: %s", kind, " ".join(map(str, who)))
 
 
 def client_address(request):
@@ -543,6 +668,8 @@ async def login_attempt(username, address):
     pair = ("login", username.lower() if USERNAME_PATTERN.fullmatch(username) else "*", address)
     async with login_locks.setdefault(pair, asyncio.Lock()):
         if LOGIN_LIMIT and not await count(lambda limiter: limiter.test(LOGIN_LIMIT, *pair)):
+            refused("login", pair[1:])
+            LOGINS.labels("limited").inc()
             raise await too_many_attempts(LOGIN_LIMIT, *pair)
 
         async def count_failure():
@@ -633,7 +760,9 @@ async def login(request):
         user = await check_password(username, password)
         if user is None:
             await count_failure()
+            LOGINS.labels("failure").inc()
             raise HTTPException(401, "Invalid username or password")
+    LOGINS.labels("success").inc()
     await forget_expired_refresh_tokens()
     return JSONResponse(await issue_tokens(user["username"]))
 
@@ -746,9 +875,29 @@ async def health(request):
     """
     try:
         await asyncio.wait_for(db().fetch_val("SELECT 1"), timeout=5)
-    except Exception:
+    except Exception as error:
+        log_now_and_then("database", logging.ERROR, "the database is not answering: %s", error or type(error).__name__)
         return JSONResponse({"detail": "The database is not answering"}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+async def metrics(request):
+    """
+    summary: Prometheus metrics (text format); with METRICS_TOKEN set, only for `Authorization: Bearer <it>`.
+    responses:
+      200: {description: Metrics, content: {text/plain: {schema: {type: string}}}}
+      401: {$ref: '#/components/responses/Error'}
+    """
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if METRICS_TOKEN and not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), METRICS_TOKEN)):
+        raise HTTPException(401, "Metrics need the metrics token", headers={"WWW-Authenticate": "Bearer"})
+    if not METRICS_ON:
+        raise HTTPException(404, "Metrics are off (METRICS=off)")
+    registry = prometheus_client.REGISTRY
+    if METRICS_DIRECTORY is not None:  # the sum over every process of `uvicorn --workers N`
+        registry = prometheus_client.CollectorRegistry()
+        prometheus_client.multiprocess.MultiProcessCollector(registry, path=str(METRICS_DIRECTORY))
+    return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 def inline_hashes(page, tag):
@@ -861,8 +1010,12 @@ recent_id_set = set()
 
 
 def chat_message(fields):
-    """A stored message (its message_fields) with both of its wire forms rendered once, not once per client."""
-    return {**fields, "line": f"{fields['username']}: {fields['text']}", "json": json.dumps(fields)}
+    """A stored message (its message_fields) with both of its wire forms rendered once, not once
+    per client, and when it was stored as a number (for the delivery-delay histogram)."""
+    stored_at = None
+    if fields["created_at"]:
+        stored_at = datetime.datetime.fromisoformat(fields["created_at"].replace("Z", "+00:00")).timestamp()
+    return {**fields, "line": f"{fields['username']}: {fields['text']}", "json": json.dumps(fields), "stored_at": stored_at}
 
 
 def deliver(message):
@@ -874,9 +1027,12 @@ def deliver(message):
     recent_ids.append(message["id"])
     recent_id_set.add(message["id"])
     queue_for(list(clients), message)
+    if message["stored_at"] is not None:
+        DELIVERY_DELAY.observe(max(0.0, time.time() - message["stored_at"]))
 
 
 def queue_for(websockets, frame):
+    queued = 0
     for websocket in websockets:
         outbox = clients.get(websocket)
         if outbox is None:
@@ -885,6 +1041,8 @@ def queue_for(websockets, frame):
             close_client(websocket, CLOSE_TOO_SLOW)
         else:
             outbox.put_nowait(frame)
+            queued += 1
+    FRAMES_DELIVERED.inc(queued)
 
 
 def close_client(websocket, code):
@@ -895,6 +1053,9 @@ def close_client(websocket, code):
         if code == CLOSE_TOO_SLOW:
             while not outbox.empty():
                 outbox.get_nowait()
+            CLOSED_TOO_SLOW.inc()
+            log_now_and_then("too slow", logging.INFO, "closed a websocket from %s as too far behind (1013)",
+                             "%s:%s" % tuple(websocket.client or ("?", "?")))
         outbox.put_nowait(code)
 
 
@@ -983,6 +1144,8 @@ async def store_batch(batch):
     async with messages_in_id_order():
         created_at = utc_now()
         ids = await insert_messages(batch, created_at)
+        MESSAGES_STORED.inc(len(ids))
+        STORE_BATCHES.inc()
         messages = [chat_message(message_fields(id, username, text, created_at)) for id, (username, text) in zip(ids, batch)]
         if service.get("publisher") is None:
             for message in messages:
@@ -1234,6 +1397,7 @@ async def read_frames(websocket, username):
         if not text.strip() or websocket not in clients:  # not in clients: it is being closed
             continue
         if MESSAGE_LIMIT and not await count(lambda limiter: limiter.hit(MESSAGE_LIMIT, "message", username)):
+            refused("message", [username])
             return CLOSE_TOO_MANY
         try:
             await store_and_publish(username, text)
@@ -1264,12 +1428,14 @@ def socket_options(websocket):
 
 
 def socket_opened(username):
+    WEBSOCKETS_OPEN.inc()
     sockets_per_user[username] += 1
     if sockets_per_user[username] == 1:
         in_background(presence_changed(username))
 
 
 def socket_closed(username):
+    WEBSOCKETS_OPEN.dec()
     sockets_per_user[username] -= 1
     if not sockets_per_user[username]:
         del sockets_per_user[username]
@@ -1294,6 +1460,7 @@ async def chat_socket(websocket):
             await websocket.close(1008, "format must be json, after a message id, and presence 1 with format json")
             return
         if MAX_SOCKETS_PER_USER and sockets_per_user[user["username"]] >= MAX_SOCKETS_PER_USER:
+            refused("sockets", [user["username"]])
             await websocket.close(CLOSE_TOO_MANY, "Too many connections")
             return
         as_json, after, presence = options
@@ -1458,6 +1625,28 @@ async def set_up_service():
         service["presence"] = asyncio.create_task(renew_presence(service["redis"]))
 
 
+def without_password(url):
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+
+
+def log_configuration():
+    """One line with the configuration in effect, secrets left out."""
+    limits_in_effect = {"login": LOGIN_LIMIT, "register": REGISTER_LIMIT, "message": MESSAGE_LIMIT}
+    metrics_in_effect = "off"
+    if METRICS_ON:
+        metrics_in_effect = f"pooled in {METRICS_DIRECTORY}" if METRICS_DIRECTORY else "of this process"
+        metrics_in_effect += ", behind METRICS_TOKEN" if METRICS_TOKEN else ", open"
+    log.info(
+        "chat started (pid %s): database %s, broadcast %s, limits %s, sockets per user %s, bcrypt rounds %s, "
+        "tokens %s min / %s days, signing key %s, metrics %s, log format %s",
+        os.getpid(), without_password(DATABASE_URL), without_password(BROADCAST_URL) or "in-process",
+        ", ".join(f"{kind} {item or 'off'}" for kind, item in limits_in_effect.items()),
+        MAX_SOCKETS_PER_USER or "unlimited", BCRYPT_ROUNDS, ACCESS_TOKEN_EXPIRE_MINUTES, REFRESH_TOKEN_EXPIRE_DAYS,
+        "from SECRET_KEY" if os.environ.get("SECRET_KEY", "").strip() else "from the key file",
+        metrics_in_effect, LOG_FORMAT,
+    )
+
+
 def freeze_startup_objects():
     """Modules, classes and functions live as long as the process: move them out of the cyclic
     garbage collector's way, so that a full collection scans only what connections create
@@ -1550,6 +1739,35 @@ async def refuse_while_not_started(scope, receive, send):
     await send({"type": "websocket.close", "code": 1011})
 
 
+def time_requests(app):
+    """Middleware: HTTP request durations by route template (never the raw path, so clients
+    cannot grow the label set), method and status."""
+
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_noting_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_DURATION.labels(scope["method"] if scope["method"] in KNOWN_METHODS else "other", route, str(status)).observe(
+                time.perf_counter() - started
+            )
+
+    return asgi
+
+
+KNOWN_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+
 def limit_body_size(app):
     """Middleware: a request body over MAX_BODY_BYTES gets a 413, however it is sent, and one
     that takes over BODY_TIMEOUT_SECONDS to arrive gets a 408 (a slow-body attack holds nothing)."""
@@ -1622,6 +1840,7 @@ async def lifespan(app):
         raise
     freeze_startup_objects()  # process-wide, so only when chat's lifespan runs
     raise_open_file_limit()
+    log_configuration()
     restore_signal_handlers = close_websockets_on_exit_signals()
     try:
         yield
@@ -1646,6 +1865,7 @@ async def server_error(request, exc):
 routes = [
     Route("/", web_client, include_in_schema=False),
     Route("/health", health),
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi_schema, include_in_schema=False),
     Route("/auth/register", register, methods=["POST"]),
     Route("/auth/login", login, methods=["POST"]),
@@ -1659,6 +1879,7 @@ routes = [
 app = Starlette(
     routes=routes,
     middleware=[
+        Middleware(time_requests),
         Middleware(CORSMiddleware, allow_origins=CORS_ORIGINS, allow_methods=["*"], allow_headers=["*"]),
         Middleware(limit_body_size),
         Middleware(start_on_first_use),
