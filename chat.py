@@ -47,6 +47,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
 from starlette.websockets import WebSocketDisconnect
+import uvicorn
 import uvicorn.logging
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -1889,7 +1890,5 @@ app = Starlette(
 )
 
 if __name__ == "__main__":
-    import uvicorn
-
     uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=WS_MAX_FRAME_BYTES, http=BoundedHttpProtocol,
                 limit_concurrency=LIMIT_CONCURRENCY)

@@ -117,6 +117,12 @@ def run(base_url):
     users = {}
     with httpx.Client(base_url=base_url, timeout=10) as http:
         expect(http.get("/health"), 200, "GET /health")
+        metrics = http.get("/metrics")
+        if metrics.status_code == 401:  # behind METRICS_TOKEN: answering at all is what a smoke test can check
+            print("smoke: ok: GET /metrics answers (401: it needs METRICS_TOKEN)")
+        else:
+            check(metrics.status_code == 200 and "chat_messages_stored_total" in metrics.text,
+                  f"GET /metrics gives Prometheus metrics ({metrics.status_code})")
         for name in ("alice", "bob"):
             username = f"{name}_{suffix}"
             body = expect(http.post("/auth/register", json={"username": username, "password": password}),
