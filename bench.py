@@ -27,6 +27,7 @@ included (servers are stopped by PID and also get SIGTERM if this process dies).
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import ctypes
 import json
@@ -79,8 +80,10 @@ def new_event_loop():
 # ---------------------------------------------------------------- the bare ceiling server
 
 
-def run_bare_server(port):
-    """A plain websockets broadcast server: every text frame goes to every client as "anon: <text>"."""
+def run_bare_server(port, compression=None):
+    """A plain websockets broadcast server: every text frame goes to every client as "anon: <text>".
+    Without permessage-deflate unless `compression` is "deflate" (websockets' default settings,
+    the same as uvicorn's: 12-bit windows, memLevel 5), which only the idle row asks for."""
     from websockets.asyncio.server import broadcast, serve
 
     clients = set()
@@ -104,7 +107,7 @@ def run_bare_server(port):
         stop = asyncio.get_running_loop().create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-        async with serve(handler, HOST, port, max_size=65536, compression=None, backlog=4096):
+        async with serve(handler, HOST, port, max_size=65536, compression=compression, backlog=4096):
             await stop
 
     loop = new_event_loop()
@@ -129,12 +132,13 @@ class Processes:
         self.tmp = tmp
         self.items = []
 
-    def start(self, name, command, env=None, cwd=HERE):
+    def start(self, name, command, env=None, cwd=HERE, pipes=False):
+        """`pipes`: stdin and stdout are pipes to this process (stderr still goes to the log)."""
         log_path = self.tmp / f"{name}-{secrets.token_hex(3)}.log"
         log = open(log_path, "w")
         process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent, start_new_session=True,
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE if pipes else log, stderr=log if pipes else subprocess.STDOUT,
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL, preexec_fn=die_with_parent, start_new_session=True,
         )
         log.close()
         process.bench_name = name
@@ -152,7 +156,11 @@ class Processes:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGKILL)
                 process.wait(timeout=5)
-        if process in self.items:
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        with contextlib.suppress(ValueError):
             self.items.remove(process)
 
     def stop_all(self):
@@ -212,7 +220,7 @@ class CpuMeter:
         return self
 
     def __exit__(self, *exc):
-        wall = max(time.perf_counter() - self.wall, 1e-6)
+        wall = self.seconds = max(time.perf_counter() - self.wall, 1e-6)
         self.client_pct = 100 * (time.process_time() - self.client) / wall
         self.server_pct = [100 * (cpu_seconds(pid) - before) / wall for pid, before in zip(self.pids, self.servers)]
         machine_pct = 100 * (machine_busy_seconds() - self.machine) / wall
@@ -244,12 +252,27 @@ def client_frame(opcode_byte, payload):
     return header + b"\0\0\0\0" + payload
 
 
-def handshake_request(port, path):
+# What browsers offer in their handshake (the idle row measures what accepting it costs per socket).
+BROWSER_EXTENSIONS = "permessage-deflate; client_max_window_bits"
+
+
+def handshake_request(port, path, extensions=None):
+    """A websocket handshake; `extensions`: a Sec-WebSocket-Extensions offer (none by default)."""
     key = base64.b64encode(secrets.token_bytes(16)).decode()
+    offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
     return (
         f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     ).encode()
+
+
+def response_header(head, name):
+    """A header's value in a raw HTTP response head (bytes), or None."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name.lower().encode():
+            return value.strip().decode("latin-1")
+    return None
 
 
 class WS(asyncio.Protocol):
@@ -265,6 +288,7 @@ class WS(asyncio.Protocol):
         self.handshake = loop.create_future()
         self.closed = loop.create_future()
         self.transport = None
+        self.response_head = b""  # the handshake response, status line and headers
         self.close_code = None
         self.frames = 0
         # per-connection bookkeeping for the scenarios
@@ -296,6 +320,7 @@ class WS(asyncio.Protocol):
             if end < 0:
                 return
             status = bytes(buf[:12])
+            self.response_head = bytes(buf[:end])
             del buf[: end + 4]
             if status != b"HTTP/1.1 101":
                 self.handshake.set_exception(ConnectionError(f"handshake refused: {status!r}"))
@@ -351,9 +376,9 @@ class WS(asyncio.Protocol):
                 self.transport.close()
 
 
-async def ws_connect(port, path, handler=None, rcvbuf=None, timeout=15):
+async def ws_connect(port, path, handler=None, rcvbuf=None, timeout=15, extensions=None):
     loop = asyncio.get_running_loop()
-    ws = WS(handshake_request(port, path), handler)
+    ws = WS(handshake_request(port, path, extensions), handler)
     if rcvbuf:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
@@ -371,12 +396,12 @@ async def ws_connect(port, path, handler=None, rcvbuf=None, timeout=15):
     return ws
 
 
-async def ws_connect_many(port, path, count, handler=None, concurrency=64, timeout=60):
+async def ws_connect_many(port, path, count, handler=None, concurrency=64, timeout=60, extensions=None):
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one():
         async with semaphore:
-            return await ws_connect(port, path, handler)
+            return await ws_connect(port, path, handler, extensions=extensions)
 
     tasks = [asyncio.ensure_future(one()) for _ in range(count)]
     try:
@@ -580,12 +605,23 @@ class Bench:
         await self.wait_http(process, port, "/health")
         return process
 
-    async def start_bare(self):
+    async def start_bare(self, compression=None):
         port = free_port()
-        process = self.procs.start("bare", [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(port)])
+        command = [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(port)]
+        if compression:
+            command += ["--bare-compression", compression]
+        process = self.procs.start("bare", command)
         process.port = port
         await self.wait_tcp(process, port)
         return process
+
+    async def stop(self, process):
+        """Stop a server by its PID with this event loop still running: the connections the scenario
+        just closed send their close frames and FINs meanwhile. (Blocking in `wait()` right after
+        close_all() held them back, and the bare server then waited out its 10 s close timeout
+        before the SIGKILL.)"""
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.procs.stop, process)
 
     async def wait_http(self, process, port, path, seconds=30):
         deadline = time.monotonic() + seconds
@@ -674,6 +710,38 @@ def latency_handler(latencies):
     return handler
 
 
+JSON_TEXT = b'"text": "'  # chat's format=json frames come from json.dumps: ", " and ": " separators
+
+
+def json_latency_handler(latencies, presence):
+    """latency_handler for format=json frames ({"id", "username", "text", "created_at", "type"}): the
+    text is found without parsing the JSON. Presence frames are not timed: they are counted in
+    `presence`, a Counter of (username, online)."""
+    append = latencies.append
+
+    def handler(ws, payload, now):
+        start = payload.find(JSON_TEXT)
+        if start < 0 or b'"type": "presence"' in payload:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                frame = json.loads(payload)
+                if frame["type"] == "presence":
+                    presence[frame["username"], frame["online"]] += 1
+            return
+        start += len(JSON_TEXT)
+        seq, sent = payload[start : payload.find(b'"', start)].split(b" ", 2)[:2]  # the text: seq, send time
+        seq = int(seq)
+        append(now - int(sent))
+        ws.got += 1
+        if seq > ws.last:
+            ws.last = seq
+        elif seq == ws.last:
+            ws.dups += 1
+        else:
+            ws.ooo += 1
+
+    return handler
+
+
 async def wait_for_deliveries(connections, expected_each, seconds, at_most=20):
     """Until every connection got `expected_each` frames, or `seconds` pass without progress
     (and never longer than `at_most` seconds)."""
@@ -698,33 +766,44 @@ def loss_counts(connections, expected_each):
     return lost, ooo, dups
 
 
-async def fanout_run(server, path, clients, rate, duration):
+async def fanout_run(server, path, clients, rate, duration, make_handler=latency_handler, during=None):
+    """`clients` websockets on `path`, one of them sending `rate` msg/s for `duration` s. `make_handler`
+    makes the frame handler from the latency list; `during(stop)`, when given, runs while the messages
+    are sent (stopped when the last one is sent) and its result is the run's "during"."""
     latencies = []
-    handler = latency_handler(latencies)
+    handler = make_handler(latencies)
     t = time.perf_counter()
     connections = await ws_connect_many(server.port, path, clients, handler)
     connect_s = time.perf_counter() - t
+    background = None
     try:
         await asyncio.sleep(0.5)
         sender = connections[0]
         count = int(rate * duration)
         with CpuMeter([server.pid]) as cpu:
+            stop = asyncio.Event()
+            if during is not None:
+                background = asyncio.ensure_future(during(stop))
             start = time.perf_counter()
             for i in range(count):
                 delay = start + i / rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 sender.send_text(f"{i} {CLOCK()}")
+            stop.set()
             await wait_for_deliveries(connections, count, 5)
             elapsed = time.perf_counter() - start
+        extra = await asyncio.wait_for(background, 10) if background is not None else None
         lost, ooo, dups = loss_counts(connections, count)
         closed = sum(1 for ws in connections if ws.closed.done())
         return {
             "p50": ms(percentile(latencies, 50)), "p99": ms(percentile(latencies, 99)), "max": ms(max(latencies, default=0)),
             "rate": len(latencies) / elapsed, "lost": lost, "ooo": ooo, "dups": dups, "closed": closed,
-            "connect": connect_s, "cpu": cpu, "latencies": latencies,
+            "connect": connect_s, "cpu": cpu, "latencies": latencies, "during": extra,
         }
     finally:
+        if background is not None and not background.done():
+            background.cancel()
         close_all(connections)
 
 
@@ -734,10 +813,10 @@ async def scenario_fanout(bench):
     chat = await bench.start_chat()
     _, token = await bench.user_token(chat.port)
     c = await fanout_run(chat, f"/ws?token={token}", clients, rate, duration)
-    bench.procs.stop(chat)
+    await bench.stop(chat)
     bare = await bench.start_bare()
     b = await fanout_run(bare, "/ws", clients, rate, duration)
-    bench.procs.stop(bare)
+    await bench.stop(bare)
     name = f"1 fan-out: {clients} websocket clients, one of them sending {rate} msg/s for {duration} s"
     t = bench.table
     t.add(name, "latency p50 (ms)", c["p50"], b["p50"], note=f"chat {c['cpu'].note()}")
@@ -845,14 +924,14 @@ async def scenario_slow(bench):
     chat = await bench.start_chat()
     _, token = await bench.user_token(chat.port)
     with_stalled = await slow_run(chat, f"/ws?token={token}", readers, stalled, total, rate, size, drain)
-    bench.procs.stop(chat)
+    await bench.stop(chat)
     chat = await bench.start_chat()
     _, token = await bench.user_token(chat.port)
     without = await slow_run(chat, f"/ws?token={token}", readers, 0, total, rate, size, drain)
-    bench.procs.stop(chat)
+    await bench.stop(chat)
     bare = await bench.start_bare()
     bare_with = await slow_run(bare, "/ws", readers, stalled, total, rate, size, drain)
-    bench.procs.stop(bare)
+    await bench.stop(bare)
     name = (f"2 slow clients: {readers} readers + {stalled} that never read (4 KiB SO_RCVBUF), "
             f"{total} messages of {size} chars at {rate}/s from a separate sender")
     t = bench.table
@@ -954,10 +1033,10 @@ async def scenario_storm(bench):
     chat = await bench.start_chat(rounds=12, name="chat-rounds12")
     username, token = await bench.user_token(chat.port)
     r = await storm_run(chat, f"/ws?token={token}", before_s, logins, username)
-    bench.procs.stop(chat)
+    await bench.stop(chat)
     bare = await bench.start_bare()
     b = await storm_run(bare, "/ws", before_s, 0, None, storm=False)
-    bench.procs.stop(bare)
+    await bench.stop(bare)
     name = (f"3 login storm: {logins} concurrent logins on a server with BCRYPT_ROUNDS=12, while one client "
             "measures its websocket round trip (send, receive its own echo)")
     t = bench.table
@@ -1051,7 +1130,7 @@ async def scenario_history(bench):
     with CpuMeter([chat.pid]) as cpu_big:
         large = await http_load(chat.port, path, token, seconds)
     middle = await http_load(chat.port, f"{path}?before={big // 2}", token, seconds / 2)
-    bench.procs.stop(chat)
+    await bench.stop(chat)
     name = "4 history: GET /auth/messages (latest 100), 8 keep-alive connections"
     tb = bench.table
     tb.add(name, f"requests/s, {stored} stored", small["rps"],
@@ -1139,10 +1218,10 @@ async def scenario_ingest(bench):
     db_path = chat.database_url.split("///", 1)[1]
     _, token = await bench.user_token(chat.port)
     c = await ingest_run(chat, f"/ws?token={token}", senders, seconds, db_path=db_path)
-    bench.procs.stop(chat)
+    await bench.stop(chat)
     bare = await bench.start_bare()
     b = await ingest_run(bare, "/ws", senders, seconds)
-    bench.procs.stop(bare)
+    await bench.stop(bare)
     name = f"5 ingest: {senders} senders as fast as the server takes them (<= 100 messages in flight) + 1 listener, {seconds:g} s"
     t = bench.table
     t.add(name, "messages stored/s", c["stored_rate"], b["stored_rate"],
@@ -1154,39 +1233,71 @@ async def scenario_ingest(bench):
 # ---------------------------------------------------------------- scenario 6: idle memory
 
 
-async def idle_run(server, path, count):
-    warm = await ws_connect_many(server.port, path, 10)
+async def idle_run(server, path, count, extensions=None):
+    """Server RSS before and after `count` idle websockets; with `extensions`, every client offers
+    them, and "accepted" is what the server answered (its Sec-WebSocket-Extensions, or None)."""
+    warm = await ws_connect_many(server.port, path, 10, extensions=extensions)
     close_all(warm)
     await asyncio.sleep(1.0)
     before = rss_kib(server.pid)
     t = time.perf_counter()
-    connections = await ws_connect_many(server.port, path, count, concurrency=100, timeout=90)
+    connections = await ws_connect_many(server.port, path, count, concurrency=100, timeout=90, extensions=extensions)
     connect_s = time.perf_counter() - t
     try:
         await asyncio.sleep(1.5)
         after = rss_kib(server.pid)
         alive = sum(1 for ws in connections if not ws.closed.done())
-        return {"per": (after - before) / count, "before": before, "after": after, "alive": alive, "connect": connect_s}
+        answers = {response_header(ws.response_head, "Sec-WebSocket-Extensions") for ws in connections}
+        return {"per": (after - before) / count, "before": before, "after": after, "alive": alive, "connect": connect_s,
+                "accepted": " | ".join(sorted(str(a) for a in answers))}
     finally:
         close_all(connections)
 
 
 async def scenario_idle(bench):
+    """RSS per idle websocket, first with clients that offer no extension, then with clients that
+    offer permessage-deflate as browsers do: chat (uvicorn accepts it unless --ws-per-message-deflate
+    is false), the bare server as everywhere else (compression off: it declines), and the bare server
+    with websockets' deflate on (the like-for-like ceiling)."""
     count = 500 if bench.quick else 2000
-    chat = await bench.start_chat()
-    _, token = await bench.user_token(chat.port)
-    c = await idle_run(chat, f"/ws?token={token}", count)
-    bench.procs.stop(chat)
-    bare = await bench.start_bare()
-    b = await idle_run(bare, "/ws", count)
-    bench.procs.stop(bare)
+
+    async def chat_run(extensions=None):
+        chat = await bench.start_chat()  # a fresh server each time: memory freed by a previous run is not reused
+        _, token = await bench.user_token(chat.port)
+        result = await idle_run(chat, f"/ws?token={token}", count, extensions)
+        await bench.stop(chat)
+        return result
+
+    async def bare_run(extensions=None, compression=None):
+        bare = await bench.start_bare(compression)
+        result = await idle_run(bare, "/ws", count, extensions)
+        await bench.stop(bare)
+        return result
+
+    c = await chat_run()
+    b = await bare_run()
+    cd = await chat_run(BROWSER_EXTENSIONS)
+    bd = await bare_run(BROWSER_EXTENSIONS)
+    bdd = await bare_run(BROWSER_EXTENSIONS, "deflate")
     name = f"6 idle: server RSS (VmRSS) before and after opening {count:,} websockets"
     t = bench.table
     ratio = c["per"] / b["per"] if b["per"] > 0 else float("inf")
     t.add(name, "RSS per connection (KiB)", c["per"], b["per"], target="<= 2x bare", result=verdict(ratio <= 2),
           note=f"chat RSS {c['before'] // 1024}->{c['after'] // 1024} MiB, bare {b['before'] // 1024}->{b['after'] // 1024} MiB; "
-               f"open at the end {c['alive']}/{count}; RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
+               f"open at the end {c['alive']}/{count}; RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; "
+               "clients offer no extension")
     t.add(name, f"connect {count} (s)", c["connect"], b["connect"])
+
+    def accepted(run):
+        return "declined (no Sec-WebSocket-Extensions)" if run["accepted"] == "None" else f"accepted: {run['accepted']}"
+
+    t.add(name, "RSS per connection, deflate offered (KiB)", cd["per"], bd["per"], target="informational",
+          note=f"clients offer {BROWSER_EXTENSIONS!r} as browsers do; chat {accepted(cd)}, "
+               f"{cd['per'] / c['per']:.2f}x chat without the offer; bare (compression off) {accepted(bd)}; "
+               f"open at the end {cd['alive']}/{count}")
+    t.add(name, "RSS per connection, deflate on both (KiB)", cd["per"], bdd["per"], target="informational",
+          note=f"bare with websockets' compression='deflate' {accepted(bdd)}, {bdd['per'] / b['per']:.2f}x bare "
+               f"without it; connect {count}: chat {cd['connect']:.2f} s, bare {bdd['connect']:.2f} s")
 
 
 # ---------------------------------------------------------------- scenario 7: scale-out
@@ -1292,10 +1403,10 @@ async def scenario_scaleout(bench):
     one = await scaleout_run([a], path_for, listeners, senders, seconds)
     b = await bench.start_chat(database_url=database_url, broadcast_url=redis_url, channel=channel, name="chat-pg-b")
     two = await scaleout_run([a, b], path_for, listeners, senders, seconds)
-    bench.procs.stop(b)
-    bench.procs.stop(a)
+    await bench.stop(b)
+    await bench.stop(a)
     if redis_process:
-        bench.procs.stop(redis_process)
+        await bench.stop(redis_process)
     name = (f"7 scale-out on PostgreSQL + Redis: {listeners} listeners + {senders} senders flat out for {seconds:g} s, "
             "spread over one process, then two")
     t = bench.table
@@ -1344,7 +1455,7 @@ async def scenario_limits(bench):
     for key, server in servers.items():
         db_path = server.database_url.split("///", 1)[1]
         stored[key] = await asyncio.to_thread(count_rows, db_path, f"ingest {TAG}")
-        bench.procs.stop(server)
+        await bench.stop(server)
 
     cpu_note = mean_cpu_note
 
@@ -1425,7 +1536,7 @@ async def scenario_protocol(bench):
             runs[kind][label].append(result)
             await asyncio.sleep(0.2)
     for server in servers.values():
-        bench.procs.stop(server)
+        await bench.stop(server)
 
     def pooled(kind, label):
         rounds = runs[kind][label]
@@ -1457,6 +1568,426 @@ async def scenario_protocol(bench):
                   note=f"{versus}; rounds {f['rounds']}; {f['cpu']}{bad}")
 
 
+# ---------------------------------------------------------------- scenario 10: presence churn
+
+
+async def presence_churn(port, path, period, stop):
+    """Until `stop` is set: every `period` s a websocket of a user of its own opens (that user's join)
+    and closes half a period later (their leave). Slots it fell behind on are skipped, not caught up."""
+    cycles = failed = skipped = 0
+    start = time.perf_counter()
+    slot = 0
+    ws = None
+    try:
+        while not stop.is_set():
+            at = start + slot * period
+            delay = at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if stop.is_set():
+                break
+            slot += 1
+            try:
+                ws = await ws_connect(port, path, timeout=5)
+            except (OSError, asyncio.TimeoutError):
+                failed += 1
+                continue
+            await asyncio.sleep(max(0.0, at + period / 2 - time.perf_counter()))
+            ws.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(ws.closed), 2)
+            ws = None
+            cycles += 1
+            due = int((time.perf_counter() - start) / period)
+            if due > slot:
+                skipped += due - slot
+                slot = due
+    finally:
+        if ws is not None:
+            ws.close()
+    return {"cycles": cycles, "failed": failed, "skipped": skipped}
+
+
+async def scenario_presence(bench):
+    """Scenario 1's fan-out on one server, its clients all on format=json&presence=1 (so every join and
+    leave is a frame to each of them), without and with one more user whose only socket opens and
+    closes every 100 ms. The rounds alternate off, on, on, off, as in the limits row."""
+    q = bench.quick
+    clients, rate, duration, period = (500, 20, 3, 0.1) if q else (500, 20, 6, 0.1)
+    chat = await bench.start_chat(name="chat-presence")
+    _, token = await bench.user_token(chat.port)
+    churner, churn_token = await bench.user_token(chat.port)
+    path = f"/ws?token={token}&format=json&presence=1"
+    churn_path = f"/ws?token={churn_token}&format=json&presence=1"  # as the web page connects
+    order = ("off", "on", "on", "off")
+    runs = {"off": [], "on": []}
+    for key in order:
+        presence = collections.Counter()
+
+        def make_handler(latencies, presence=presence):
+            return json_latency_handler(latencies, presence)
+
+        def during(stop):
+            return presence_churn(chat.port, churn_path, period, stop)
+
+        run = await fanout_run(chat, path, clients, rate, duration, make_handler, during if key == "on" else None)
+        run["joins"], run["leaves"] = presence[churner, True], presence[churner, False]
+        run["presence_frames"] = sum(presence.values())
+        runs[key].append(run)
+        await asyncio.sleep(0.5)  # the server is done closing this round's sockets
+    status, body = await http_request(chat.port, "GET", "/auth/online", headers=[("Authorization", f"Bearer {token}")])
+    online_after = json.loads(body) if status == 200 else f"HTTP {status}"
+    await bench.stop(chat)
+
+    def pooled(key):
+        rounds = runs[key]
+        latencies = [x for r in rounds for x in r["latencies"]]
+        return {
+            "p50": ms(percentile(latencies, 50)), "p99": ms(percentile(latencies, 99)),
+            "max": ms(max(latencies, default=0)), "rounds": "/".join(f"{r['p99']:.1f}" for r in rounds),
+            "cpu": mean_cpu_note(rounds), "lost": sum(r["lost"] for r in rounds), "ooo": sum(r["ooo"] for r in rounds),
+            "closed": sum(r["closed"] for r in rounds), "joins": sum(r["joins"] for r in rounds),
+            "leaves": sum(r["leaves"] for r in rounds), "frames": sum(r["presence_frames"] for r in rounds),
+            "cycles": sum(r["during"]["cycles"] for r in rounds if r["during"]),
+            "failed": sum(r["during"]["failed"] for r in rounds if r["during"]),
+            "skipped": sum(r["during"]["skipped"] for r in rounds if r["during"]),
+        }
+
+    off, on = pooled("off"), pooled("on")
+    ratio = on["p99"] / off["p99"]
+    name = (f"10 presence churn: fan-out as in 1 ({clients} clients on format=json&presence=1, {rate} msg/s for "
+            f"{duration} s), without and with a user of their own joining and leaving every {period * 1000:.0f} ms; "
+            "one server, 2 rounds each, off/on/on/off")
+    t = bench.table
+    t.add(name, "fan-out p99, no churn (ms)", off["p99"],
+          note=f"rounds {off['rounds']} ms; p50 {off['p50']:.1f} ms, max {off['max']:.1f} ms; {off['cpu']}")
+    t.add(name, "fan-out p99, churn (ms)", on["p99"], target="churn/no churn <= 1.1x", result=verdict(ratio <= 1.1),
+          note=f"{ratio:.2f}x no churn; rounds {on['rounds']} ms; p50 {on['p50']:.1f} ms, max {on['max']:.1f} ms; {on['cpu']}")
+    joins, leaves = on["joins"] / clients, on["leaves"] / clients
+    t.add(name, "joins / leaves each client saw", f"{joins:.1f} / {leaves:.1f}", target="= opens / closes",
+          result=verdict(joins == on["cycles"] and leaves == on["cycles"]),
+          note=f"the churn socket opened and closed {on['cycles']} times ({on['failed']} failed to open, "
+               f"{on['skipped']} 100 ms slots skipped); {on['frames']:,} presence frames delivered in all; "
+               f"GET /auth/online at the end: {online_after}")
+    t.add(name, "lost / out-of-order, churn", f"{on['lost']} / {on['ooo']}", target="0 / 0",
+          result=verdict(on["lost"] == 0 and on["ooo"] == 0),
+          note=f"closed early {on['closed']}; no churn: {off['lost']} / {off['ooo']}, closed early {off['closed']}")
+
+
+# ---------------------------------------------------------------- scenario 11: 10,000 sockets
+
+LOAD_WORKERS = 2  # load-generator processes for the sockets row: one per core at most (2 cores here)
+BUCKET_NS = 100_000  # the load generators report latencies as a histogram of 0.1 ms buckets
+STEP_RATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # msg/s, tried in order
+STEP_P99_MS = 250
+
+
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def run_load_worker(config):
+    """`bench.py --load-worker JSON`: a load-generator process of the sockets row (see load_worker)."""
+    raise_nofile_limit(config["count"] + 1024)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(load_worker(config))
+    finally:
+        loop.close()
+
+
+async def load_worker(config):
+    """Opens `count` websockets to `port` + `path` when told to, and reports what they received:
+    one command a line on stdin (connect, reset, count, report, close), one JSON line on stdout
+    each. Latencies use the monotonic clock (system-wide), which the sending bench stamped."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    latencies = []
+    timed = latency_handler(latencies)
+    got = [0]
+    last = [0]
+
+    def handler(ws, payload, now):
+        timed(ws, payload, now)
+        got[0] += 1
+        if now > last[0]:
+            last[0] = now
+
+    connections = []
+    emit({"event": "ready"})
+    try:
+        while line := await reader.readline():
+            command = line.decode().strip()
+            if command == "connect":
+                semaphore = asyncio.Semaphore(config["concurrency"])
+
+                async def one():
+                    async with semaphore:
+                        return await ws_connect(config["port"], config["path"], handler, timeout=30)
+
+                t = time.perf_counter()
+                results = await asyncio.gather(*(one() for _ in range(config["count"])), return_exceptions=True)
+                connections = [r for r in results if isinstance(r, WS)]
+                errors = [r for r in results if not isinstance(r, WS)]
+                emit({"event": "connected", "ok": len(connections), "failed": len(errors),
+                      "seconds": time.perf_counter() - t, "error": repr(errors[0])[:200] if errors else None})
+            elif command == "reset":
+                latencies.clear()
+                got[0] = last[0] = 0
+                emit({"event": "reset"})
+            elif command == "count":
+                emit({"got": got[0], "closed": sum(1 for ws in connections if ws.closed.done())})
+            elif command == "report":
+                hist = collections.Counter(x // BUCKET_NS for x in latencies)
+                emit({"got": got[0], "closed": sum(1 for ws in connections if ws.closed.done()),
+                      "hist": {str(k): v for k, v in hist.items()}, "max": max(latencies, default=0), "last": last[0],
+                      "ooo": sum(ws.ooo for ws in connections), "dups": sum(ws.dups for ws in connections)})
+            elif command == "close":
+                close_all(connections)
+                connections = []
+                await asyncio.sleep(0.3)  # the close frames and FINs go out
+                emit({"event": "closed"})
+                break
+    finally:
+        close_all(connections)
+        transport.close()
+
+
+class LoadWorker:
+    """The bench's end of a load-generator process: a command line in, a JSON line out."""
+
+    def __init__(self, process):
+        self.process = process
+        self.transport = None
+
+    async def open(self):
+        self.reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
+        self.transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self.reader), self.process.stdout)
+
+    async def read(self, timeout):
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"load worker exited: {Processes.log_tail(self.process)}")
+        return json.loads(line)
+
+    async def ask(self, command, timeout=30):
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
+        return await self.read(timeout)
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()
+
+
+def hist_percentile(hist, total, p):
+    """The p-th percentile (ns, a bucket's upper edge) of a merged latency histogram."""
+    if not total:
+        return float("nan")
+    rank, seen = max(1, math.ceil(p / 100 * total)), 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen >= rank:
+            return (bucket + 1) * BUCKET_NS
+    return float("nan")
+
+
+async def broadcast_step(server, workers, sender, connected, rate, messages, first_seq):
+    """`messages` messages at `rate` msg/s from `sender` to every socket: what arrived, how fast,
+    how late, and the CPU each process used."""
+    for worker in workers:
+        await worker.ask("reset")
+    expected = messages * connected
+    with CpuMeter([server.pid] + [w.process.pid for w in workers]) as cpu:
+        start_ns, start = CLOCK(), time.perf_counter()
+        for i in range(messages):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sender.send_text(f"{first_seq + i} {CLOCK()}")
+        last_total, last_change = -1, time.monotonic()
+        give_up = last_change + 10
+        while time.monotonic() < give_up:  # until all arrived, or 1 s without progress
+            counts = [await worker.ask("count") for worker in workers]
+            total = sum(c["got"] for c in counts)
+            if total >= expected:
+                break
+            if total != last_total:
+                last_total, last_change = total, time.monotonic()
+            elif time.monotonic() - last_change > 1:
+                break
+            await asyncio.sleep(0.05)
+    reports = [await worker.ask("report") for worker in workers]
+    hist = collections.Counter()
+    for report in reports:
+        hist.update({int(k): v for k, v in report["hist"].items()})
+    got = sum(r["got"] for r in reports)
+    span = max(messages / rate, (max(r["last"] for r in reports) - start_ns) / 1e9)
+    server_cpu_s = cpu.server_pct[0] / 100 * cpu.seconds
+    delivered = got / span
+    step = {
+        "rate": rate, "messages": messages, "expected": expected, "got": got, "delivered": delivered,
+        "offered": rate * connected, "per_core": got / server_cpu_s if server_cpu_s > 0 else float("nan"),
+        "p50": ms(hist_percentile(hist, got, 50)), "p99": ms(hist_percentile(hist, got, 99)),
+        "max": ms(max(r["max"] for r in reports)), "closed": sum(r["closed"] for r in reports),
+        "ooo": sum(r["ooo"] for r in reports), "cpu": cpu,
+    }
+    step["held"] = (got == expected and step["closed"] == 0 and step["p99"] <= STEP_P99_MS
+                    and delivered >= 0.9 * step["offered"])
+    return step
+
+
+def sockets_cpu_note(cpu):
+    """CPU of the server, each load generator, this bench process (the sender) and the rest."""
+    server, *generators = cpu.server_pct
+    text = (f"cpu% srv {server:.0f} load gen {'+'.join(f'{g:.0f}' for g in generators)} "
+            f"bench {cpu.client_pct:.0f} others {cpu.others_pct:.0f}")
+    if any(g >= 90 for g in generators):
+        text += " CLIENT-BOUND"
+    if cpu.others_pct >= 50:
+        text += " NOISY"
+    return text
+
+
+async def sockets_run(bench, server, paths, sender_path, count, rates, step_s, deadline):
+    """`count` websockets on `server` from LOAD_WORKERS processes (paths[i] for worker i), then
+    broadcast steps at each of `rates` until one does not hold (or `deadline`, time.monotonic())."""
+    warm = await ws_connect_many(server.port, paths[0], 10)
+    close_all(warm)
+    await asyncio.sleep(1.0)
+    rss_before = rss_kib(server.pid)
+    workers = []
+    sender = None
+    try:
+        shares = [count // LOAD_WORKERS + (1 if i < count % LOAD_WORKERS else 0) for i in range(LOAD_WORKERS)]
+        for i, share in enumerate(shares):
+            config = {"port": server.port, "path": paths[i % len(paths)], "count": share, "concurrency": 64}
+            process = bench.procs.start(f"load-{i}", [sys.executable, str(Path(__file__).resolve()),
+                                                      "--load-worker", json.dumps(config)], pipes=True)
+            worker = LoadWorker(process)
+            workers.append(worker)
+            await worker.open()
+        for worker in workers:
+            await worker.read(30)  # ready
+        t = time.perf_counter()
+        for worker in workers:
+            worker.process.stdin.write(b"connect\n")
+            worker.process.stdin.flush()
+        answers = [await worker.read(180) for worker in workers]
+        connect_s = time.perf_counter() - t
+        connected = sum(a["ok"] for a in answers)
+        failed = sum(a["failed"] for a in answers)
+        errors = "; ".join(a["error"] for a in answers if a["error"])
+        await asyncio.sleep(1.5)
+        rss_after = rss_kib(server.pid)
+        sender = await ws_connect(server.port, sender_path)
+        await asyncio.sleep(0.5)
+        steps = []
+        seq = 0
+        for rate in rates:
+            messages = max(4, round(rate * step_s))
+            if time.monotonic() + messages / rate + 4 > deadline:
+                break
+            step = await broadcast_step(server, workers, sender, connected, rate, messages, seq)
+            seq += messages
+            steps.append(step)
+            if not step["held"]:
+                break
+            await asyncio.sleep(0.3)
+        return {"connect": connect_s, "connected": connected, "failed": failed, "errors": errors,
+                "rss_before": rss_before, "rss_after": rss_after, "per": (rss_after - rss_before) / max(1, connected),
+                "steps": steps}
+    finally:
+        if sender is not None:
+            sender.close()
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                await worker.ask("close", timeout=10)
+        for worker in workers:
+            worker.close()
+            await bench.stop(worker.process)
+
+
+def describe_step(step):
+    return (f"{step['rate']:g} msg/s: {step['delivered']:,.0f} deliveries/s of {step['offered']:,.0f} offered, "
+            f"p99 {step['p99']:.0f} ms, {step['got']:,}/{step['expected']:,} arrived, closed {step['closed']}")
+
+
+async def scenario_sockets(bench):
+    """10,000 websockets (2,000 with --quick) on one chat process, opened by LOAD_WORKERS processes,
+    and one more that broadcasts to them all at stepped rates: the best step that held (every frame
+    delivered, nobody closed, p99 <= 250 ms) is the row's figures. The bare server then gets the
+    same sockets and the same rates from chat's best step on (a few steps at most)."""
+    q = bench.quick
+    count, step_s = (2_000, 1.5) if q else (10_000, 3.0)
+    raise_nofile_limit(count + 1024)  # the chat server and the load generators inherit it
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < count + 256:
+        bench.table.add("11 sockets", "skipped", f"RLIMIT_NOFILE {soft} is under {count + 256}")
+        return
+    budget_end = time.monotonic() + (80 if q else 140)
+    chat = await bench.start_chat(name="chat-sockets")
+    paths = []
+    for _ in range(LOAD_WORKERS):
+        _, token = await bench.user_token(chat.port)  # a user per load generator (MAX_SOCKETS_PER_USER is off)
+        paths.append(f"/ws?token={token}")
+    _, token = await bench.user_token(chat.port)
+    c = await sockets_run(bench, chat, paths, f"/ws?token={token}", count, STEP_RATES, step_s, budget_end - 25)
+    await bench.stop(chat)
+    held = [s for s in c["steps"] if s["held"]]
+    best = held[-1] if held else (c["steps"][0] if c["steps"] else None)
+    b = None
+    if best is not None and time.monotonic() < budget_end - 15:
+        bare = await bench.start_bare()
+        rates = [r for r in STEP_RATES if r >= best["rate"]][:3]
+        b = await sockets_run(bench, bare, ["/ws"], "/ws", count, rates, step_s, budget_end)
+        await bench.stop(bare)
+    name = (f"11 sockets: {count:,} websockets on one process from {LOAD_WORKERS} load-generator processes, "
+            f"broadcast from one more at stepped rates ({step_s:g} s steps, at least 4 messages) until p99 > "
+            f"{STEP_P99_MS} ms or deliveries fall behind; figures at the best step that held")
+    t = bench.table
+    bare_best = None
+    if b and b["steps"]:
+        same = [s for s in b["steps"] if s["rate"] == best["rate"]]
+        bare_best = same[0] if same else None
+    bare = (lambda key: bare_best[key] if bare_best else "n/a")  # noqa: E731
+    t.add(name, f"connect {count:,} (s)", c["connect"], b["connect"] if b else "n/a",
+          note=f"opened {c['connected']:,}, failed {c['failed']}{'; ' + c['errors'] if c['errors'] else ''}"
+               + (f"; bare opened {b['connected']:,}, failed {b['failed']}" if b else ""))
+    t.add(name, "RSS per connection (KiB)", c["per"], b["per"] if b else "n/a",
+          note=f"chat RSS {c['rss_before'] // 1024}->{c['rss_after'] // 1024} MiB"
+               + (f", bare {b['rss_before'] // 1024}->{b['rss_after'] // 1024} MiB" if b else ""))
+    if best is None:
+        t.add(name, "broadcast", "no step ran", note="time budget")
+        return
+    label = "best step that held" if held else "NO STEP HELD; first step"
+    t.add(name, "send rate (msg/s)", best["rate"], bare("rate"), ratio="n/a",
+          note=f"{label}; steps: " + ", ".join(f"{s['rate']:g}{'' if s['held'] else ' (failed)'}" for s in c["steps"]))
+    t.add(name, "deliveries/s", best["delivered"], bare("delivered"),
+          note=f"offered {best['offered']:,.0f}/s; chat {sockets_cpu_note(best['cpu'])}")
+    t.add(name, "deliveries/s per server core", best["per_core"], bare("per_core"), target=">= 20,000 at p99 < 250 ms",
+          result=verdict(held != [] and best["per_core"] >= 20_000),
+          note="deliveries / server CPU seconds" + (f"; bare {sockets_cpu_note(bare_best['cpu'])}" if bare_best else ""))
+    t.add(name, "latency p50 (ms)", best["p50"], bare("p50"))
+    t.add(name, "latency p99 (ms)", best["p99"], bare("p99"), target=f"< {STEP_P99_MS} ms",
+          result=verdict(best["p99"] < STEP_P99_MS))
+    t.add(name, "latency max (ms)", best["max"], bare("max"),
+          note=f"out-of-order {best['ooo']}, closed early {best['closed']}")
+    failed = [s for s in c["steps"] if not s["held"]]
+    if failed:
+        t.add(name, "step that did not hold", describe_step(failed[0]), ratio="n/a",
+              note=f"{sockets_cpu_note(failed[0]['cpu'])}; per server core {failed[0]['per_core']:,.0f}/s")
+    if b and b["steps"]:
+        b_held = [s for s in b["steps"] if s["held"]]
+        t.add(name, "bare: steps from chat's best", ", ".join(f"{s['rate']:g}{'' if s['held'] else ' (failed)'}"
+                                                           for s in b["steps"]), ratio="n/a",
+              note=(f"best that held {describe_step(b_held[-1])}, per server core {b_held[-1]['per_core']:,.0f}/s"
+                    if b_held else "none held"))
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1470,6 +2001,8 @@ SCENARIOS = {
     "scaleout": (scenario_scaleout, 60, 20),
     "limits": (scenario_limits, 70, 25),
     "protocol": (scenario_protocol, 60, 25),
+    "presence": (scenario_presence, 70, 30),
+    "sockets": (scenario_sockets, 170, 60),
 }
 
 
@@ -1521,7 +2054,8 @@ async def run(bench, names):
             bench.table.add(name, "ERROR", repr(error)[:150])
         finally:
             for process in list(bench.procs.items):  # a failed scenario leaves nothing behind
-                bench.procs.stop(process)
+                with contextlib.suppress(Exception):  # (a cancelled bench.stop may be stopping it too)
+                    bench.procs.stop(process)
 
 
 def raise_nofile_limit(needed=8192):
@@ -1536,10 +2070,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a shortened run (about three minutes)")
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-compression", help=argparse.SUPPRESS)
+    parser.add_argument("--load-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     raise_nofile_limit()
     if args.bare_server:
-        run_bare_server(args.bare_server)
+        run_bare_server(args.bare_server, args.bare_compression)
+        return
+    if args.load_worker:
+        run_load_worker(json.loads(args.load_worker))
         return
     names = list(SCENARIOS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]

@@ -1402,8 +1402,9 @@ async def read_frames(websocket, username):
             return CLOSE_TOO_MANY
         try:
             await store_and_publish(username, text)
-        except Exception:
-            log.exception("could not store a message from %r", username)
+        except Exception as error:
+            log_now_and_then("store", logging.ERROR, "could not store a message from %r (its websocket gets 1011): %s",
+                             username, error or type(error).__name__)
             return 1011
 
 

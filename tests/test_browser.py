@@ -1,23 +1,30 @@
-"""The web page (SPEC sections 6 and 8) in a real headless Chromium, driven by Playwright against
+"""The web page (SPEC sections 6, 8 and 9) in a real headless Chromium, driven by Playwright against
 real uvicorn servers: register, chat between two people, text never HTML, sessions that survive a
 reload, a refused access token, a token expiring under an open socket and a server restart, paging
 back, a path prefix, the page's Content-Security-Policy (any violation fails any test), no token
-in any URL, and the limits against abuse (429 on login, 4429 on websockets).
+in any URL, the limits against abuse (429 on login, 4429 on websockets), each message's time in
+the reader's time zone (and none for a message stored before times were kept), and the list of
+who is online, live, on a wide and a narrow window.
 
 Chromium comes from Debian (`apt-get install chromium`); Playwright cannot download its own here.
 Without it these tests skip, or fail when CI=true."""
 
+import contextlib
+import datetime
 import json
 import os
 import re
+import sqlite3
 import struct
 import time
+from zoneinfo import ZoneInfo
 
 import httpx
 import jwt
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+import chat
 from conftest import IN_CI, PASSWORD, ROOT, register_and_login, running_server, unique_name, ws_url
 
 try:
@@ -29,6 +36,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 900, "height": 600}
+NARROW = {"width": 380, "height": 640}  # a phone held upright
+LOCALE = "en-US"  # every context's, so that dates read the same on every machine
 # The README's picture; rewritten only when asked, so that a test run leaves the tree clean.
 README_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
@@ -61,8 +70,9 @@ def is_csp_violation(message):
 
 @pytest.fixture
 def open_page(browser):
-    """open_page(url) gives a page in a browser context of its own (its own localStorage);
-    open_page.tab(page) another tab of that context, on the same URL. Any uncaught script error,
+    """open_page(url, **context_options) gives a page in a browser context of its own (its own
+    localStorage; options such as timezone_id go to new_context); open_page.tab(page) another tab
+    of that context, on the same URL. Any uncaught script error,
     alert/confirm dialog or Content-Security-Policy violation fails the test (open_page.problems)."""
     contexts, problems = [], []
 
@@ -73,8 +83,8 @@ def open_page(browser):
         page.on("console", lambda message: is_csp_violation(message) and problems.append(f"CSP: {message.text}"))
         return page
 
-    def open_page(url):
-        context = browser.new_context(viewport=VIEWPORT)
+    def open_page(url, **context_options):
+        context = browser.new_context(**{"viewport": VIEWPORT, "locale": LOCALE, **context_options})
         contexts.append(context)
         page = watch(context.new_page())
         page.goto(url)
@@ -154,14 +164,16 @@ def send_over_websocket(base_url, tokens, texts):
                 waiting.remove(message["text"])
 
 
-# Runs before the page's own script: keeps every websocket the page makes, with its close code and reason.
+# Runs before the page's own script: keeps every websocket the page makes, with its close code and
+# reason and the frames it received.
 RECORD_SOCKETS = """
 window.recordedSockets = [];
 window.WebSocket = class extends window.WebSocket {
   constructor(...args) {
     super(...args);
-    const record = { url: this.url, code: null, reason: null };
+    const record = { url: this.url, code: null, reason: null, received: [] };
     window.recordedSockets.push(record);
+    this.addEventListener('message', (event) => record.received.push(event.data));
     this.addEventListener('close', (event) => { record.code = event.code; record.reason = event.reason; });
   }
 };
@@ -174,7 +186,8 @@ def record_sockets(page):
 
 
 def recorded_sockets(page):
-    """[{url, code, reason}] for every websocket the page has opened, oldest first (code None while open)."""
+    """[{url, code, reason, received}] for every websocket the page has opened, oldest first (code None
+    while open; received: the text of every frame)."""
     return page.evaluate("window.recordedSockets")
 
 
@@ -187,6 +200,92 @@ def access_token_expiring_in(username, seconds):
     now = int(time.time())
     claims = {"sub": username, "type": "access", "iat": now, "exp": now + seconds}
     return jwt.encode(claims, os.environ["SECRET_KEY"], algorithm="HS256")
+
+
+def store_message(client, username, text, created_at):
+    """Store a message straight into the test database (the one the servers use) with the created_at
+    given: None makes it one stored before the server kept times. Returns its id."""
+    return client.portal.call(
+        chat.database.fetch_val,
+        "INSERT INTO messages (username, text, created_at) VALUES (:username, :text, :created_at) RETURNING id",
+        {"username": username, "text": text, "created_at": created_at},
+    )
+
+
+def created_at_of(http, tokens, text):
+    """The created_at the server gives the latest message with this text, from the history."""
+    messages = http.get("/auth/messages", params={"limit": 100},
+                        headers={"Authorization": f"Bearer {tokens['access_token']}"}).json()
+    return [message["created_at"] for message in messages if message["text"] == text][-1]
+
+
+def in_zone(created_at, zone):
+    return datetime.datetime.fromisoformat(created_at.replace("Z", "+00:00")).astimezone(ZoneInfo(zone))
+
+
+def local_stamp(created_at, zone):
+    """What a reader in `zone` should see beside a message: HH:MM (24-hour) for one of today, with
+    the date before it ("Mar 9, 21:04") for an earlier day, and the year too for another year."""
+    when, today = in_zone(created_at, zone), datetime.datetime.now(ZoneInfo(zone)).date()
+    if when.date() == today:
+        return f"{when:%H:%M}"
+    day = f"{when:%b} {when.day}" + (f", {when.year}" if when.year != today.year else "")
+    return f"{day}, {when:%H:%M}"
+
+
+def local_full_time(created_at, zone):
+    """How the hover text (the stamp's title) begins, in en-US: "Sunday, March 9, 2025 at 1:30:05 AM"."""
+    when = in_zone(created_at, zone)
+    return f"{when:%A}, {when:%B} {when.day}, {when.year} at {when.hour % 12 or 12}:{when:%M:%S} {when:%p}"
+
+
+def stamp_of(page, text):
+    """(text, title, datetime) of the time stamp beside the message with this text, or None when it has
+    none. Any run of white space in the title (ICU puts a narrow no-break one before AM) reads as one space."""
+    return page.evaluate(
+        """text => {
+          const li = [...document.querySelectorAll('#messages li')].find(li => li.querySelector('.text').textContent === text);
+          const stamp = li.querySelector('time.stamp');
+          return stamp && [stamp.textContent, stamp.title.replace(/\\s+/g, ' '), stamp.dateTime];
+        }""",
+        text,
+    )
+
+
+def online_entry(page, username):
+    return page.locator(f'#online-list li[data-username="{username}"]')
+
+
+def expect_online(page, username, online=True):
+    expect(online_entry(page, username)).to_have_count(1 if online else 0)
+
+
+def presence_frames(page, username):
+    """The presence frames about `username` that the page's recorded websockets received, oldest first."""
+    return page.evaluate(
+        """name => recordedSockets.flatMap(s => s.received).map(data => JSON.parse(data))
+                   .filter(frame => frame.type === 'presence' && frame.username === name)""",
+        username,
+    )
+
+
+def wait_until_listed_online(http, tokens, username):
+    deadline = time.monotonic() + 10
+    while username not in [user["username"] for user in http.get(
+            "/auth/online", headers={"Authorization": f"Bearer {tokens['access_token']}"}).json()]:
+        assert time.monotonic() < deadline, f"{username} never showed in GET /auth/online"
+        time.sleep(0.05)
+
+
+def box(page, selector):
+    return page.locator(selector).bounding_box()
+
+
+def assert_on_screen(page, selector):
+    found, viewport = box(page, selector), page.viewport_size
+    assert found, f"{selector} is not shown"
+    assert found["x"] >= 0 and found["x"] + found["width"] <= viewport["width"] + 0.5, (selector, found)
+    assert found["y"] >= 0 and found["y"] + found["height"] <= viewport["height"] + 0.5, (selector, found)
 
 
 def assert_shown_once_in_order(page, texts):
@@ -306,9 +405,11 @@ def test_the_page_runs_under_its_content_security_policy(open_page, server):
     assert re.search(r"script-src 'sha256-[A-Za-z0-9+/]+=*';", policy)
     assert re.search(r"style-src 'sha256-[A-Za-z0-9+/]+=*';", policy)
     assert "unsafe" not in policy and "connect-src 'self'" in policy
-    markup = (ROOT / "index.html").read_text()
+    page_text = (ROOT / "index.html").read_text()
+    markup = re.sub(r"<(script|style)>.*?</\1>", "", page_text, flags=re.DOTALL)  # the tags, not the code
     assert not re.search(r"<[^>]*\s(on[a-z]+|style)\s*=", markup), "no inline handlers or style attributes"
-    assert not re.search(r"javascript:|\beval\(|new Function|innerHTML|insertAdjacentHTML|setAttribute\('style", markup)
+    assert re.findall(r"<(?:script|style)\b[^>]*>", page_text) == ["<style>", "<script>"], "one of each, attribute-less"
+    assert not re.search(r"javascript:|\beval\(|new Function|innerHTML|insertAdjacentHTML|setAttribute\('style", page_text)
 
     page = open_page(server + "/")
     sign_up(page, unique_name())
@@ -400,6 +501,130 @@ def test_load_older_pages_back_through_history(open_page, server, http):
     page.click("#older")
     wait_for_text(page, texts[0])
     assert_shown_once_in_order(page, texts)
+
+
+def test_each_message_shows_its_time_in_the_readers_time_zone(open_page, server, http, client):
+    """Beside each message, its created_at in the reader's own time zone: HH:MM for today, with the
+    date for an earlier day, and the full date and time on hover; live and from the history alike.
+    A message stored before the server kept times (created_at null) shows no stamp and breaks nothing."""
+    elder, elder_tokens = register_and_login(http)
+    untimed, dated = f"{elder}: stored before times were kept", f"{elder}: stored on an earlier day"
+    store_message(client, elder, untimed, None)
+    store_message(client, elder, dated, "2025-03-09T06:30:05.250Z")  # the night New York went from EST to EDT
+    alice, bob = unique_name("alice"), unique_name("bob")
+    zones = {alice: "America/New_York", bob: "Australia/Adelaide"}  # UTC-5/-4 and UTC+9:30/+10:30: minutes move too
+    pages = {name: open_page(server + "/", timezone_id=zone) for name, zone in zones.items()}
+    for name, page in pages.items():
+        assert page.evaluate("Intl.DateTimeFormat().resolvedOptions().timeZone") == zones[name]
+        sign_up(page, name)
+    say(pages[alice], "what time is it?")
+    wait_for_text(pages[bob], "what time is it?")  # live
+    created_at = created_at_of(http, elder_tokens, "what time is it?")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", created_at)
+
+    pages[alice].reload()  # alice's from the history, bob's as they came live
+    expect_connected(pages[alice])
+    wait_for_text(pages[alice], "what time is it?")
+    stamps = {}
+    for name, page in pages.items():
+        zone = zones[name]
+        stamps[name] = stamp = stamp_of(page, "what time is it?")
+        assert stamp[0] == local_stamp(created_at, zone)
+        assert stamp[1].startswith(local_full_time(created_at, zone)), stamp
+        assert stamp[2] == created_at
+
+        earlier = stamp_of(page, dated)
+        assert earlier[0] == {alice: "Mar 9, 2025, 01:30", bob: "Mar 9, 2025, 17:00"}[name]
+        assert earlier[0] == local_stamp("2025-03-09T06:30:05.250Z", zone)
+        assert earlier[1].startswith({alice: "Sunday, March 9, 2025 at 1:30:05 AM",
+                                      bob: "Sunday, March 9, 2025 at 5:00:05 PM"}[name])
+
+        assert stamp_of(page, untimed) is None  # no stamp, but the message itself is there
+        assert [(who, text) for _, who, text in shown(page) if who == elder] == [(elder, untimed), (elder, dated)]
+        style = page.eval_on_selector("#messages time.stamp", "e => [getComputedStyle(e).color, getComputedStyle(e).fontSize]")
+        assert style[0] == "rgb(139, 148, 158)" and float(style[1].rstrip("px")) < 15  # small and grey
+    assert stamps[alice][0] != stamps[bob][0]  # 13.5 to 15.5 hours apart
+
+
+def test_who_is_online_updates_live(open_page, server):
+    """Each of two people sees both in the list of who is online (themselves marked), as it changes:
+    logging out or closing the page leaves it, logging in joins it, and a second tab of someone
+    already there neither joins nor leaves. The list also fits a narrow window, as a strip."""
+    alice, bob = unique_name("alice"), unique_name("bob")
+    alice_page = open_page(server + "/")
+    bob_page = open_page(server + "/", viewport=NARROW)
+    record_sockets(bob_page)
+    bob_page.reload()
+    sign_up(alice_page, alice)
+    sign_up(bob_page, bob)
+    for page, me, other in ((alice_page, alice, bob), (bob_page, bob, alice)):
+        expect_online(page, other)
+        expect(online_entry(page, me)).to_have_text(f"{me}(you)")
+        expect(online_entry(page, other)).to_have_text(other)
+    assert "presence=1" in recorded_sockets(bob_page)[0]["url"]
+
+    # Wide: a panel beside the conversation. Narrow: a strip above it, with everything on screen.
+    assert box(alice_page, "#online")["x"] >= box(alice_page, "#scroller")["x"] + box(alice_page, "#scroller")["width"]
+    assert box(bob_page, "#online")["y"] + box(bob_page, "#online")["height"] <= box(bob_page, "#scroller")["y"]
+    for selector in ("#online", f'#online-list li[data-username="{alice}"]', f'#online-list li[data-username="{bob}"]',
+                     "#scroller", "#text", "#send-form button", "#logout"):
+        assert_on_screen(bob_page, selector)
+    assert bob_page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+
+    # alice's second tab: she is online already, so bob hears nothing of it opening or closing.
+    second = open_page.tab(alice_page)
+    expect_connected(second)
+    expect_online(second, bob)
+    second.close()
+    say(alice_page, "still here")  # once bob has this, he would have had a presence frame sent before it
+    wait_for_text(bob_page, "still here")
+    assert presence_frames(bob_page, alice) == []
+    expect_online(bob_page, alice)
+
+    bob_page.click("#logout")
+    expect_online(alice_page, bob, online=False)
+    log_in(bob_page, bob)
+    expect_online(alice_page, bob)
+    bob_page.close()
+    expect_online(alice_page, bob, online=False)
+    expect_online(alice_page, alice)
+
+
+def test_presence_during_the_first_request_is_not_lost(open_page, server, http):
+    """The page learns who is online from GET /auth/online after its socket opens; what the socket says
+    meanwhile still counts. Here the answer is held back until carol has come and dave has gone, so
+    it still names dave and not carol: the page must end with carol and without dave."""
+    carol, carol_tokens = register_and_login(http)
+    dave, dave_tokens = register_and_login(http)
+    alice = unique_name("alice")
+    page = open_page(server + "/")
+    record_sockets(page)
+    page.reload()
+    held = []
+    page.route("**/auth/online", lambda route: held.append(route))
+    with ws_connect(ws_url(server, dave_tokens["access_token"]), open_timeout=10):
+        wait_until_listed_online(http, dave_tokens, dave)
+        sign_up(page, alice)
+        expect(page.locator("#online-list")).to_have_attribute("aria-busy", "true")
+        assert len(held) == 1
+        answer = held[0].fetch()  # what the server says now
+        assert dave in [user["username"] for user in answer.json()]
+        assert carol not in [user["username"] for user in answer.json()]
+    with ws_connect(ws_url(server, carol_tokens["access_token"]), open_timeout=10):
+        page.wait_for_function(
+            """([carol, dave]) => {
+              const frames = recordedSockets.flatMap(s => s.received).map(data => JSON.parse(data));
+              return frames.some(f => f.type === 'presence' && f.username === carol && f.online === true)
+                  && frames.some(f => f.type === 'presence' && f.username === dave && f.online === false);
+            }""",
+            arg=[carol, dave],
+        )
+        held[0].fulfill(response=answer)
+        expect(page.locator("#online-list")).to_have_attribute("aria-busy", "false")
+        expect(page.locator("#online")).to_have_attribute("data-state", "live")
+        expect_online(page, carol)
+        expect_online(page, dave, online=False)
+        expect_online(page, alice)
 
 
 # ---------------------------------------------------------------- tests with servers of their own
@@ -540,22 +765,40 @@ def test_the_page_works_under_a_path_prefix(open_page, tmp_path):
 
 
 def test_screenshot_of_a_conversation(open_page, tmp_path):
-    """A fresh database, two people, a short conversation. UPDATE_SCREENSHOT=1 writes it to
-    docs/screenshot.png for the README."""
-    env = {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'screenshot.db'}"}
+    """A fresh database, three people, a conversation over two days with the time of each message,
+    and who is online. UPDATE_SCREENSHOT=1 writes it to docs/screenshot.png for the README."""
+    database = tmp_path / "screenshot.db"
+    env = {"DATABASE_URL": f"sqlite+aiosqlite:///{database}"}
     with running_server(env=env) as (base_url, _), httpx.Client(base_url=base_url, timeout=10) as http:
         _, bob = register_and_login(http, "bob")
         register_and_login(http, "alice")
-        send_over_websocket(base_url, bob, ["Morning! Is the new chat page live yet?"])
-        page = open_page(base_url + "/")
-        log_in(page, "alice")
-        say(page, "It is: history, live messages and reconnecting on its own.")
-        send_over_websocket(base_url, bob, ["Nice. And <b>tags</b> show up as plain text, good."])
-        wait_for_text(page, "Nice. And <b>tags</b> show up as plain text, good.")
-        page.fill("#text", "Exactly, nothing is ever rendered as HTML.")
-        page.locator("#text").blur()  # no caret or focus ring: the same picture on every run
-        target = README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "page.png"
-        png = page.screenshot(path=str(target))
+        _, carol = register_and_login(http, "carol")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        earlier = [  # (how long ago, who, what): yesterday's, then a few minutes ago
+            (datetime.timedelta(days=1, minutes=49), "bob", "Is the new chat page live yet?"),
+            (datetime.timedelta(days=1, minutes=41), "alice", "Tomorrow. It will show when each message was sent, and who is online."),
+            (datetime.timedelta(minutes=6), "bob", "Hello again! I can see you in the list on the right."),
+        ]
+        with contextlib.closing(sqlite3.connect(database, timeout=10)) as connection, connection:
+            connection.executemany(
+                "INSERT INTO messages (username, text, created_at) VALUES (?, ?, ?)",
+                [(who, text, (now - ago).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+                 for ago, who, text in earlier],
+            )
+        bob_socket = ws_connect(ws_url(base_url, bob["access_token"], format="json"), open_timeout=10)
+        carol_socket = ws_connect(ws_url(base_url, carol["access_token"]), open_timeout=10)
+        with bob_socket, carol_socket:
+            page = open_page(base_url + "/", timezone_id="Europe/London")
+            log_in(page, "alice")
+            say(page, "Yes, it's live: history, times, and it reconnects on its own.")
+            bob_socket.send("Nice. And <b>tags</b> show up as plain text, good.")
+            wait_for_text(page, "Nice. And <b>tags</b> show up as plain text, good.")
+            expect(page.locator("#online-list li")).to_have_count(3)
+            assert page.locator("#messages time.stamp").count() == 5
+            page.fill("#text", "Exactly, nothing is ever rendered as HTML.")
+            page.locator("#text").blur()  # no caret or focus ring: the same picture on every run
+            target = README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "page.png"
+            png = page.screenshot(path=str(target))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png[16:24]) == (VIEWPORT["width"], VIEWPORT["height"])
     assert b"IDAT" in png
