@@ -1450,6 +1450,8 @@ async def chat_socket(websocket):
     outbox = asyncio.Queue()
     if claims:
         clients[websocket] = outbox  # before the handshake: a connected client misses nothing
+        if options and options[2]:
+            presence_sockets.add(websocket)  # nor a join or leave, whatever GET /auth/online answers
     writer = expiry = username = None
     try:
         # Accept before judging the token: a close before accept reaches the client as HTTP 403.
@@ -1465,9 +1467,7 @@ async def chat_socket(websocket):
             refused("sockets", [user["username"]])
             await websocket.close(CLOSE_TOO_MANY, "Too many connections")
             return
-        as_json, after, presence = options
-        if presence:
-            presence_sockets.add(websocket)
+        as_json, after, _ = options
         username = user["username"]
         socket_opened(username)
         # A socket lives no longer than the token it was opened with.
