@@ -1267,13 +1267,18 @@ PRESENCE_PROCESSES = f"{BROADCAST_CHANNEL}:presence"  # the set of every process
 PRESENCE_OF_THIS_PROCESS = f"{BROADCAST_CHANNEL}:presence:{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-async def presence_changed(username):
-    """Tell everyone when `username`'s first socket (over all processes) opened or their last closed."""
-    redis_client = service.get("redis")
-    if redis_client is None:
-        if sockets_per_user[username] <= 1:  # 1: the first just opened; 0: the last just closed
-            deliver_presence(presence_event(username, sockets_per_user[username] == 1))
-        return
+def presence_changed(username, online):
+    """`username`'s first socket in this process just opened (online) or their last just closed:
+    tell everyone, at once without Redis; with Redis, if it was the first or last anywhere."""
+    if service.get("redis") is None:
+        deliver_presence(presence_event(username, online))
+    else:
+        in_background(share_presence(username, service["redis"]))
+
+
+async def share_presence(username, redis_client):
+    """Set this process's count of `username`'s sockets in Redis (the count when this runs:
+    updates run one at a time, in order), and publish a join or leave if the total crossed zero."""
     try:
         async with service["presence_lock"]:  # one update at a time, in the order they happened
             before, after = await redis_client.eval(
@@ -1283,7 +1288,7 @@ async def presence_changed(username):
         if (before == 0) != (after == 0):
             await redis_client.publish(BROADCAST_CHANNEL, signed(presence_event(username, after > 0)["json"]))
     except (redis.RedisError, OSError) as error:
-        log.warning("could not share presence through Redis (%s); telling this process only", error)
+        log_now_and_then("presence", logging.WARNING, "could not share presence through Redis (%s); telling this process only", error)
         deliver_presence(presence_event(username, sockets_per_user[username] > 0))
 
 
@@ -1433,7 +1438,7 @@ def socket_opened(username):
     WEBSOCKETS_OPEN.inc()
     sockets_per_user[username] += 1
     if sockets_per_user[username] == 1:
-        in_background(presence_changed(username))
+        presence_changed(username, True)
 
 
 def socket_closed(username):
@@ -1441,7 +1446,7 @@ def socket_closed(username):
     sockets_per_user[username] -= 1
     if not sockets_per_user[username]:
         del sockets_per_user[username]
-        in_background(presence_changed(username))
+        presence_changed(username, False)
 
 
 async def chat_socket(websocket):

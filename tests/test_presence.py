@@ -78,6 +78,23 @@ def test_joins_and_leaves_are_per_user_not_per_socket(server):
     run(scenario())
 
 
+def test_quick_opens_and_closes_give_alternating_joins_and_leaves(server):
+    with httpx.Client(base_url=server) as http:
+        _, watcher_tokens = register_and_login(http)
+        dave, dave_tokens = register_and_login(http)
+
+    async def scenario():
+        async with watch(server, watcher_tokens) as watcher:
+            await presence_frames(watcher, 0.3)  # its own join
+            for _ in range(15):
+                ws = await connect(ws_url(server, dave_tokens["access_token"]))
+                await ws.close()
+            frames = await presence_frames(watcher, 2)
+        assert frames == [(dave, True), (dave, False)] * 15
+
+    run(scenario())
+
+
 def test_online_is_sorted_by_username_and_needs_a_token(server):
     with httpx.Client(base_url=server) as http:
         users = [register_and_login(http, "z" + secrets.token_hex(3)), register_and_login(http, "A" + secrets.token_hex(3))]
