@@ -193,6 +193,7 @@ CLOSE_TOKEN_EXPIRED = 4001  # refresh the access token, then reconnect with ?aft
 CLOSE_TOO_MANY = 4429  # past MESSAGE_LIMIT or MAX_SOCKETS_PER_USER: wait, then reconnect
 REPLAY_LIMIT = 10_000  # messages one after= replay sends; past it: 1013, then page with GET /auth/messages
 REPLAY_SEND_SECONDS = 10  # a replaying client that takes longer than this for one frame is too slow
+CLOSE_SECONDS = 10  # a websocket being closed gets this long to take what is queued and the close
 CLOSE_REASONS = {
     CLOSE_TOO_SLOW: "Too far behind: reconnect with after=<last id>",
     CLOSE_TOKEN_EXPIRED: "Token expired",
@@ -352,8 +353,8 @@ def db():
     return service.get("sqlite") or database
 
 
-# A name's look-alike skeleton: `AIice` (capital i), `al1ce` and `alice` are one name, and so
-# are `b0b` and `bob`. Registration refuses a name whose skeleton is taken.
+# A name's look-alike skeleton: `AIice` (capital i) and `Alice` are one name, `wi11` and `will`
+# too, and `b0b` and `bob`. Registration refuses a name whose skeleton is taken.
 NAME_SKELETON = "replace(replace(lower(replace(username, 'I', 'l')), '1', 'l'), '0', 'o')"
 
 
@@ -436,10 +437,12 @@ async def find_user(username):
     )
 
 
-async def name_taken_by_look_alike(username):
-    return await db().fetch_val(
-        f"SELECT 1 FROM users WHERE {NAME_SKELETON} = :skeleton", {"skeleton": name_skeleton(username)}
+async def names_like(username):
+    """The registered names that are `username` or look like it."""
+    rows = await db().fetch_all(
+        f"SELECT username FROM users WHERE {NAME_SKELETON} = :skeleton", {"skeleton": name_skeleton(username)}
     )
+    return [row["username"] for row in rows]
 
 
 def utc_now():
@@ -728,10 +731,7 @@ async def register(request):
     await take_attempt(REGISTER_LIMIT, "register", client_address(request))
     username, password = await read_fields(request, "username", "password")
     check_new_account(username, password)
-    if await find_user(username):
-        raise HTTPException(400, "Username already exists")
-    if await name_taken_by_look_alike(username):
-        raise HTTPException(400, "Username is too like an existing one (I, l and 1 look alike, and so do O and 0)")
+    await refuse_taken_name(username)
     password_hash = await in_bcrypt_thread(hash_password, password)
     try:
         await db().execute(
@@ -739,10 +739,17 @@ async def register(request):
             {"username": username, "password": password_hash},
         )
     except Exception:
-        if await find_user(username) or await name_taken_by_look_alike(username):  # a concurrent one won
-            raise HTTPException(400, "Username already exists")
+        await refuse_taken_name(username)  # a concurrent registration won
         raise
     return JSONResponse({"message": "Registration successful"})
+
+
+async def refuse_taken_name(username):
+    taken = await names_like(username)
+    if any(name.lower() == username.lower() for name in taken):
+        raise HTTPException(400, "Username already exists")
+    if taken:
+        raise HTTPException(400, "Username is too like an existing one (I, l and 1 look alike, and so do O and 0)")
 
 
 async def login(request):
@@ -884,7 +891,7 @@ async def health(request):
 
 async def metrics(request):
     """
-    summary: Prometheus metrics (text format); with METRICS_TOKEN set, only for `Authorization: Bearer <it>`.
+    summary: "Prometheus metrics in text format; with METRICS_TOKEN set, only for that bearer token."
     responses:
       200: {description: Metrics, content: {text/plain: {schema: {type: string}}}}
       401: {$ref: '#/components/responses/Error'}
@@ -1006,6 +1013,7 @@ async def openapi_schema(request):
 # Every open chat websocket of this process, with the queue of frames waiting to go to it.
 # An outbox holds message dicts to send, or an int: the close code to end with.
 clients = {}
+writers = {}  # each websocket's writer task, once it has one
 recent_ids = collections.deque(maxlen=10_000)  # delivered ids, so a message is never delivered twice
 recent_id_set = set()
 
@@ -1058,6 +1066,10 @@ def close_client(websocket, code):
             log_now_and_then("too slow", logging.INFO, "closed a websocket from %s as too far behind (1013)",
                              "%s:%s" % tuple(websocket.client or ("?", "?")))
         outbox.put_nowait(code)
+        # A writer stuck sending to a client that stopped reading would never get to the close:
+        # let it go after a while, so that the socket's handler ends and its slot is free.
+        if (writer := writers.get(websocket)) is not None:
+            asyncio.get_running_loop().call_later(CLOSE_SECONDS, writer.cancel)
 
 
 PUBLISH_LOCK = 4_711_002  # the PostgreSQL advisory lock every process holds from insert to publish
@@ -1382,7 +1394,7 @@ async def send_outbox(websocket, outbox, as_json, replayed_through):
                 await websocket.send_text(item["json"])
             elif item["id"] > (replayed_through or 0):  # queued during the replay and already sent by it
                 await websocket.send_text(item["json"] if as_json else item["line"])
-    except (WebSocketDisconnect, RuntimeError):
+    except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the client is gone, or closed first
 
 
@@ -1457,7 +1469,7 @@ async def chat_socket(websocket):
         clients[websocket] = outbox  # before the handshake: a connected client misses nothing
         if options and options[2]:
             presence_sockets.add(websocket)  # nor a join or leave, whatever GET /auth/online answers
-    writer = expiry = username = None
+    reader = writer = expiry = username = None
     try:
         # Accept before judging the token: a close before accept reaches the client as HTTP 403.
         await websocket.accept("chat" if "chat" in websocket.scope.get("subprotocols", []) else None)
@@ -1482,18 +1494,24 @@ async def chat_socket(websocket):
         replayed_through = await replay(websocket, after, as_json) if after is not None else 0
         if replayed_through is None:
             close_client(websocket, CLOSE_TOO_SLOW)
-        writer = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
-        code = await read_frames(websocket, username)
+        writer = writers[websocket] = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
+        if websocket not in clients:  # closed already: give the writer as long as close_client would
+            asyncio.get_running_loop().call_later(CLOSE_SECONDS, writer.cancel)
+        reader = asyncio.create_task(read_frames(websocket, username))
+        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        code = reader.result() if reader.done() and not reader.cancelled() and not reader.exception() else None
         if code is not None:
             close_client(websocket, code)
-            await writer
+            await asyncio.wait({writer})  # close_client cancels it if it is stuck
     except WebSocketDisconnect:
         pass
     finally:
         clients.pop(websocket, None)
+        writers.pop(websocket, None)
         presence_sockets.discard(websocket)
-        if writer is not None:
-            writer.cancel()
+        for task in (reader, writer):
+            if task is not None:
+                task.cancel()
         if expiry is not None:
             expiry.cancel()
         if username is not None:
