@@ -1,12 +1,12 @@
 """Benchmark of the chat service against a bare `websockets` broadcast server (the ceiling).
 
-    .venv/bin/python bench.py            # full run, about ten minutes at most
-    .venv/bin/python bench.py --quick    # shortened run, about five minutes at most
+    .venv/bin/python bench.py            # full run, about eleven minutes at most
+    .venv/bin/python bench.py --quick    # shortened run, about six and a half minutes at most
     .venv/bin/python bench.py --only fanout,idle
 
 Every figure comes from real servers over real sockets on 127.0.0.1: `uvicorn chat:app` served
-as deployed (the Makefile's SERVE_FLAGS: --ws-max-size 65536 --http chat:BoundedHttpProtocol
---limit-concurrency 16384) on a throw-away SQLite database (PostgreSQL + Redis for scale-out),
+as deployed (the Makefile's SERVE_FLAGS: --ws-max-size 65536 --ws-per-message-deflate false
+--http chat:BoundedHttpProtocol --limit-concurrency 16384) on a throw-away SQLite database (PostgreSQL + Redis for scale-out),
 and `python bench.py --bare-server PORT`, a plain `websockets` server that broadcasts
 "anon: <text>" to everyone (no ASGI, no auth, no database). The load generator is this one
 process: asyncio (uvloop when installed, like uvicorn), a hand-rolled websocket client
@@ -20,12 +20,17 @@ per core at most, while this process sends and keeps the time.
 chat.py's limits against abuse (LOGIN_LIMIT, REGISTER_LIMIT, MESSAGE_LIMIT, MAX_SOCKETS_PER_USER)
 are on by default; every chat server started here turns them all off explicitly, except in the
 "limits" scenario, which measures what MESSAGE_LIMIT costs when it is on but never refuses.
+Prometheus metrics (GET /metrics) are on, the default, in every chat server started here (METRICS=on
+explicitly, METRICS_TOKEN and PROMETHEUS_MULTIPROC_DIR dropped) except in the "metrics" scenario, which
+runs the limits scenario's rounds on two servers that differ only in METRICS (on against off) and checks
+that the on server's /metrics counted the messages it stored.
 The "protocol" scenario serves the history and login loads with --http chat:BoundedHttpProtocol
 (shipped), httptools (stock) and h11 side by side, to price the bounded request heads.
 "presence" prices presence frames: the fan-out of row 1 on format=json&presence=1 with and without
 a user joining and leaving every 100 ms. "sockets" opens 10,000 websockets (2,000 with --quick) and
 steps the broadcast rate up until p99 passes 250 ms. "idle" also prices permessage-deflate, which
-browsers offer and uvicorn accepts.
+browsers offer and uvicorn accepts unless told not to (chat is served with
+--ws-per-message-deflate false, so it declines).
 
 Every server, database and temp directory this script creates is removed on exit, errors
 included (servers are stopped by PID and also get SIGTERM if this process dies).
@@ -64,10 +69,12 @@ TAG = secrets.token_hex(4)  # marks this run's messages (ingest rows, scale-out 
 # out from a few, so every chat server runs with all of them off unless a scenario says otherwise.
 LIMITS_OFF = {"LOGIN_LIMIT": "off", "REGISTER_LIMIT": "off", "MESSAGE_LIMIT": "off", "MAX_SOCKETS_PER_USER": "0"}
 HIGH_MESSAGE_LIMIT = "1000000 per second"  # the limits row: counted on every message, never refuses one
+# Metrics (GET /metrics) are on by default and every chat server runs with them on, explicitly, as deployed;
+# only the metrics row starts one with METRICS=off, to price them.
 # Every chat server runs as deployed: the flags of the Makefile's SERVE_FLAGS (README, "Serving it on the
 # open internet"). Only the protocol row swaps --http, to price the shipped choice against the others.
 SHIPPED_HTTP = "chat:BoundedHttpProtocol"  # httptools with a 64 KiB, 10 s bound on request heads
-SERVE_FLAGS = ["--ws-max-size", "65536", "--limit-concurrency", "16384"]  # and --http SHIPPED_HTTP
+SERVE_FLAGS = ["--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--limit-concurrency", "16384"]  # and --http SHIPPED_HTTP
 PROTOCOLS = (  # the protocol row: (label, --http value), the first one what we ship
     ("BoundedHttpProtocol", SHIPPED_HTTP),
     ("httptools (stock)", "httptools"),
@@ -580,19 +587,22 @@ class Bench:
         self.postgres_databases = []
         self.started = time.monotonic()
         # the limits row came last but one: +45 s, +60 s; the protocol row (~20 s, ~35 s): +30 s, +45 s;
-        # presence (~20 s, ~40 s): +30 s, +50 s; sockets (~30-80 s, ~60-170 s): +80 s, +170 s
-        self.deadline = self.started + (335 if args.quick else 610)
+        # presence (~20 s, ~40 s): +30 s, +50 s; sockets (~30-80 s, ~60-170 s): +80 s, +170 s;
+        # metrics (the limits row's rounds again): +45 s, +60 s
+        self.deadline = self.started + (380 if args.quick else 670)
         self.notes = []
 
     # -- servers
 
-    def chat_env(self, rounds=4, database_url=None, broadcast_url=None, channel=None, limits=None):
-        env = {k: v for k, v in os.environ.items() if k not in ("BROADCAST_URL", "DATABASE_URL", "BROADCAST_CHANNEL")}
+    def chat_env(self, rounds=4, database_url=None, broadcast_url=None, channel=None, limits=None, metrics="on"):
+        env = {k: v for k, v in os.environ.items() if k not in (
+            "BROADCAST_URL", "DATABASE_URL", "BROADCAST_CHANNEL", "METRICS_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
         if database_url is None:
             database_url = f"sqlite+aiosqlite:///{self.tmp / ('chat-' + secrets.token_hex(4) + '.db')}"
         env.update(SECRET_KEY=self.secret, BCRYPT_ROUNDS=str(rounds), DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
         env.update(LIMITS_OFF)  # explicitly, whatever this shell has set
         env.update(limits or {})
+        env["METRICS"] = metrics  # explicitly, whatever this shell has set; /metrics open, one process's own
         if broadcast_url:
             env["BROADCAST_URL"] = broadcast_url
         if channel:
@@ -600,11 +610,11 @@ class Bench:
         return env
 
     async def start_chat(self, rounds=4, database_url=None, broadcast_url=None, channel=None, name="chat", limits=None,
-                         http=SHIPPED_HTTP):
-        """A chat server served as deployed (SERVE_FLAGS, `--http http`) with every limit against abuse
-        off, but for those `limits` sets (env var: value)."""
+                         http=SHIPPED_HTTP, metrics="on"):
+        """A chat server served as deployed (SERVE_FLAGS, `--http http`, metrics on unless `metrics` is
+        "off") with every limit against abuse off, but for those `limits` sets (env var: value)."""
         port = free_port()
-        env = self.chat_env(rounds, database_url, broadcast_url, channel, limits)
+        env = self.chat_env(rounds, database_url, broadcast_url, channel, limits, metrics)
         command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", HOST, "--port", str(port),
                    *SERVE_FLAGS, "--http", http, "--log-level", "warning"]
         process = self.procs.start(name, command, env)
@@ -1438,16 +1448,17 @@ def mean_cpu_note(runs):
     return meter.note()
 
 
-async def scenario_limits(bench):
-    """Scenarios 1 and 5 again, on two servers that differ only in MESSAGE_LIMIT: off, and on but too
-    high to refuse anything, so every message still pays for its count. The rounds alternate off, on,
-    on, off (a drift in the machine's load weighs on both alike) and pool what each setting measured."""
+async def on_off_rounds(bench, settings, at_end=None):
+    """Scenarios 1 and 5 again, on two servers started with `settings["off"]` and `settings["on"]` (start_chat
+    keyword arguments that differ in one setting only). The rounds alternate off, on, on, off (a drift in
+    the machine's load weighs on both alike) and what each setting measured is pooled. `at_end(servers)`,
+    when given, runs after the last round, before the servers stop; its result is the return's "at_end"."""
     q = bench.quick
     clients, rate, duration = (500, 20, 2) if q else (500, 20, 5)
     senders, seconds = 20, (1.5 if q else 3.0)
     servers, paths = {}, {}
-    for key, limits in (("off", None), ("on", {"MESSAGE_LIMIT": HIGH_MESSAGE_LIMIT})):
-        servers[key] = await bench.start_chat(name=f"chat-message-limit-{key}", limits=limits)
+    for key in ("off", "on"):
+        servers[key] = await bench.start_chat(**settings[key])
         _, token = await bench.user_token(servers[key].port)
         paths[key] = f"/ws?token={token}"
     order = ("off", "on", "on", "off")
@@ -1459,46 +1470,66 @@ async def scenario_limits(bench):
     for key in order:
         ing[key].append(await ingest_run(servers[key], paths[key], senders, seconds))
         await asyncio.sleep(0.5)
+    extra = await at_end(servers) if at_end is not None else None
     stored = {}
     for key, server in servers.items():
         db_path = server.database_url.split("///", 1)[1]
         stored[key] = await asyncio.to_thread(count_rows, db_path, f"ingest {TAG}")
         await bench.stop(server)
 
-    cpu_note = mean_cpu_note
-
     def pooled(key):
         latencies = [x for r in fan[key] for x in r["latencies"]]
         return {
             "p50": ms(percentile(latencies, 50)), "p99": ms(percentile(latencies, 99)),
             "rounds": "/".join(f"{r['p99']:.1f}" for r in fan[key]),
-            "cpu": cpu_note(fan[key]),
+            "cpu": mean_cpu_note(fan[key]),
             "lost": sum(r["lost"] + r["ooo"] for r in fan[key]),
             "closed": sum(r["closed"] for r in fan[key]) + sum(r["closed"] for r in ing[key]),
             "stored_rate": sum(r["stored_rate"] for r in ing[key]) / len(ing[key]),
             "stored_rounds": "/".join(f"{r['stored_rate']:,.0f}" for r in ing[key]),
-            "ingest_cpu": cpu_note(ing[key]), "sent": sum(r["sent"] for r in ing[key]),
+            "ingest_cpu": mean_cpu_note(ing[key]), "sent": sum(r["sent"] for r in ing[key]),
         }
 
-    off, on = pooled("off"), pooled("on")
-    name = (f"8 limits cost: MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r} (on, never refuses) against off; fan-out as in 1 "
-            f"with {clients} clients, {rate} msg/s for {duration} s, and ingest as in 5 for {seconds:g} s; "
-            "2 rounds each, off/on/on/off")
-    t = bench.table
+    return {"clients": clients, "rate": rate, "duration": duration, "seconds": seconds,
+            "off": pooled("off"), "on": pooled("on"), "stored": stored, "at_end": extra}
+
+
+def on_off_name(number, what, runs):
+    return (f"{number} {what}; fan-out as in 1 with {runs['clients']} clients, {runs['rate']} msg/s for "
+            f"{runs['duration']} s, and ingest as in 5 for {runs['seconds']:g} s; 2 rounds each, off/on/on/off")
+
+
+def add_on_off_rows(table, name, what, runs, most, note=""):
+    """The rows of on_off_rounds: pooled fan-out p99 and ingest rate with `what` off and on; PASS when on
+    is at most `most` times worse than off on both."""
+    off, on, stored = runs["off"], runs["on"], runs["stored"]
     p99_ratio = on["p99"] / off["p99"]
     ingest_ratio = off["stored_rate"] / on["stored_rate"] if on["stored_rate"] else float("inf")
-    t.add(name, "fan-out p99, limit off (ms)", off["p99"],
-          note=f"rounds {off['rounds']} ms; p50 {off['p50']:.1f} ms; {off['cpu']}")
-    t.add(name, "fan-out p99, limit on (ms)", on["p99"], target="on/off <= 1.1x", result=verdict(p99_ratio <= 1.1),
-          note=f"{p99_ratio:.2f}x off; rounds {on['rounds']} ms; p50 {on['p50']:.1f} ms; {on['cpu']}")
-    t.add(name, "ingest stored/s, limit off", off["stored_rate"],
-          note=f"rounds {off['stored_rounds']}; {off['ingest_cpu']}")
-    t.add(name, "ingest stored/s, limit on", on["stored_rate"], target="off/on <= 1.1x", result=verdict(ingest_ratio <= 1.1),
-          note=f"{ingest_ratio:.2f}x slower than off; rounds {on['stored_rounds']}; {on['ingest_cpu']}")
-    t.add(name, "closed early / lost+ooo, limit on", f"{on['closed']} / {on['lost']}", ratio="n/a", target="0 / 0",
-          result=verdict(on["closed"] == 0 and on["lost"] == 0),
-          note=f"limit off: {off['closed']} / {off['lost']}; ingest stored in the DB: on {stored['on']} of {on['sent']}, "
-               f"off {stored['off']} of {off['sent']}; other limits off on both servers")
+    table.add(name, f"fan-out p99, {what} off (ms)", off["p99"],
+              note=f"rounds {off['rounds']} ms; p50 {off['p50']:.1f} ms; {off['cpu']}")
+    table.add(name, f"fan-out p99, {what} on (ms)", on["p99"], target=f"on/off <= {most:g}x",
+              result=verdict(p99_ratio <= most),
+              note=f"{p99_ratio:.2f}x off; rounds {on['rounds']} ms; p50 {on['p50']:.1f} ms; {on['cpu']}")
+    table.add(name, f"ingest stored/s, {what} off", off["stored_rate"],
+              note=f"rounds {off['stored_rounds']}; {off['ingest_cpu']}")
+    table.add(name, f"ingest stored/s, {what} on", on["stored_rate"], target=f"off/on <= {most:g}x",
+              result=verdict(ingest_ratio <= most),
+              note=f"{ingest_ratio:.2f}x slower than off; rounds {on['stored_rounds']}; {on['ingest_cpu']}")
+    table.add(name, f"closed early / lost+ooo, {what} on", f"{on['closed']} / {on['lost']}", ratio="n/a",
+              target="0 / 0", result=verdict(on["closed"] == 0 and on["lost"] == 0),
+              note=f"{what} off: {off['closed']} / {off['lost']}; ingest stored in the DB: on {stored['on']} of "
+                   f"{on['sent']}, off {stored['off']} of {off['sent']}{note}")
+
+
+async def scenario_limits(bench):
+    """The cost of MESSAGE_LIMIT: on_off_rounds on two servers that differ only in it, off, and on but too
+    high to refuse anything, so every message still pays for its count."""
+    runs = await on_off_rounds(bench, {
+        "off": {"name": "chat-message-limit-off"},
+        "on": {"name": "chat-message-limit-on", "limits": {"MESSAGE_LIMIT": HIGH_MESSAGE_LIMIT}},
+    })
+    name = on_off_name(8, f"limits cost: MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r} (on, never refuses) against off", runs)
+    add_on_off_rows(bench.table, name, "limit", runs, 1.1, note="; other limits off on both servers")
 
 
 # ---------------------------------------------------------------- scenario 9: the cost of the HTTP protocol
@@ -2001,6 +2032,60 @@ async def scenario_sockets(bench):
                    + (f"; {describe_step(b_held[-1])}, per server core {b_held[-1]['per_core']:,.0f}/s" if b_held else ""))
 
 
+# ---------------------------------------------------------------- scenario 12: the cost of the metrics
+
+
+def metric_value(text, name):
+    """A sample's value in Prometheus' text format (the first line for `name` without labels), or None."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == name:
+            with contextlib.suppress(ValueError):
+                return float(value.split()[0])
+    return None
+
+
+def count_all_rows(db_path):
+    connection = sqlite3.connect(db_path, timeout=30)
+    try:
+        return connection.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        connection.close()
+
+
+async def metrics_at_end(servers):
+    """GET /metrics on both servers after the last round, and the on server's stored-messages counter
+    beside the rows in its database (the two must agree)."""
+    answers = {}
+    for key, server in servers.items():
+        status, body = await http_request(server.port, "GET", "/metrics", timeout=10)
+        answers[key] = {"status": status,
+                        "stored": metric_value(body.decode("utf-8", "replace"), "chat_messages_stored_total")}
+    db_path = servers["on"].database_url.split("///", 1)[1]
+    answers["rows"] = await asyncio.to_thread(count_all_rows, db_path)
+    return answers
+
+
+async def scenario_metrics(bench):
+    """The cost of the Prometheus metrics: on_off_rounds on two servers that differ only in METRICS, on
+    (the default, as in every other row) and off (every metric a no-op). At the end the on server's
+    /metrics must answer 200 with messages counted (proof that they were on), the off server's 404."""
+    runs = await on_off_rounds(bench, {
+        "off": {"name": "chat-metrics-off", "metrics": "off"},
+        "on": {"name": "chat-metrics-on", "metrics": "on"},
+    }, at_end=metrics_at_end)
+    name = on_off_name(12, "metrics cost: METRICS=on (the default) against off (every metric a no-op)", runs)
+    t = bench.table
+    add_on_off_rows(t, name, "metrics", runs, 1.05, note="; limits against abuse off on both servers")
+    answers = runs["at_end"]
+    on, off = answers["on"], answers["off"]
+    counted = on["stored"] if on["stored"] is not None else "none"
+    t.add(name, "/metrics at the end, metrics on", f"HTTP {on['status']}, {fmt(counted)} stored", ratio="n/a",
+          target="200, stored > 0", result=verdict(on["status"] == 200 and (on["stored"] or 0) > 0 and off["status"] == 404),
+          note=f"chat_messages_stored_total {fmt(counted)}, messages in its DB {answers['rows']:,}; "
+               f"metrics off: /metrics answered HTTP {off['status']} (404 expected)")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -2016,6 +2101,7 @@ SCENARIOS = {
     "protocol": (scenario_protocol, 60, 25),
     "presence": (scenario_presence, 70, 30),
     "sockets": (scenario_sockets, 170, 60),
+    "metrics": (scenario_metrics, 70, 25),
 }
 
 
@@ -2041,7 +2127,8 @@ def machine_lines(bench):
         "stamped in the text by the same process (the sockets row: two load-generator processes, "
         "the same monotonic clock)",
         "limits against abuse are off in every row except the limits row "
-        f"({', '.join(f'{k}={v}' for k, v in LIMITS_OFF.items())}; row 8 sets MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r})",
+        f"({', '.join(f'{k}={v}' for k, v in LIMITS_OFF.items())}; row 8 sets MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r}); "
+        "metrics are on (METRICS=on, the default) in every row; row 12 also runs a server with METRICS=off",
         f"chat servers: uvicorn chat:app {' '.join(SERVE_FLAGS)} --http {SHIPPED_HTTP} (as deployed); "
         f"row 9 swaps --http for {', '.join(http for _, http in PROTOCOLS[1:])}",
     ]
@@ -2081,7 +2168,7 @@ def raise_nofile_limit(needed=8192):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a shortened run (about three minutes)")
+    parser.add_argument("--quick", action="store_true", help="a shortened run (about six and a half minutes at most)")
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--bare-compression", help=argparse.SUPPRESS)

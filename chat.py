@@ -353,18 +353,21 @@ def db():
     return service.get("sqlite") or database
 
 
-# A name's look-alike skeleton: `AIice` (capital i) and `Alice` are one name, `wi11` and `will`
-# too, and `b0b` and `bob`. Registration refuses a name whose skeleton is taken.
-NAME_SKELETON = "replace(replace(lower(replace(username, 'I', 'l')), '1', 'l'), '0', 'o')"
+# A name's look-alike skeleton. I, l and 1 look alike, and so do O and 0; names are also one
+# regardless of case, so i joins I: `AIice`, `al1ce` and `Alice` are one name, and `b0b` and
+# `bob` another. Registration refuses a name whose skeleton is taken.
+NAME_SKELETON = "replace(replace(replace(lower(username), 'i', 'l'), '1', 'l'), '0', 'o')"
 
 
 def name_skeleton(username):
-    return username.replace("I", "l").lower().replace("1", "l").replace("0", "o")
+    return username.lower().replace("i", "l").replace("1", "l").replace("0", "o")
 
 
 async def index_name_skeletons(connection):
     """The unique index that makes look-alike names impossible even between concurrent
     registrations; a database that already holds look-alikes keeps them, and a warning says so."""
+    if await index_exists(connection, "users_name_skeleton"):
+        return
     clash = await connection.fetch_val(
         f"SELECT {NAME_SKELETON} FROM users GROUP BY {NAME_SKELETON} HAVING count(*) > 1 LIMIT 1"
     )
@@ -372,6 +375,14 @@ async def index_name_skeletons(connection):
         log.warning("users already holds look-alike names (e.g. skeleton %r): their index is not created", clash)
         return
     await connection.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS users_name_skeleton ON users ({NAME_SKELETON})")
+
+
+async def index_exists(connection, name):
+    if USES_SQLITE:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :name"
+    else:
+        query = "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :name"
+    return await connection.fetch_val(query, {"name": name}) is not None
 
 
 async def table_exists(connection, name):
@@ -749,7 +760,7 @@ async def refuse_taken_name(username):
     if any(name.lower() == username.lower() for name in taken):
         raise HTTPException(400, "Username already exists")
     if taken:
-        raise HTTPException(400, "Username is too like an existing one (I, l and 1 look alike, and so do O and 0)")
+        raise HTTPException(400, "Username is too like an existing one (I, i, l and 1 look alike, and so do O and 0)")
 
 
 async def login(request):
@@ -1914,5 +1925,6 @@ app = Starlette(
 )
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=WS_MAX_FRAME_BYTES, http=BoundedHttpProtocol,
+    uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=WS_MAX_FRAME_BYTES, ws_per_message_deflate=False,
+                http=BoundedHttpProtocol,
                 limit_concurrency=LIMIT_CONCURRENCY)

@@ -2,6 +2,7 @@
 as every documented command serves it): request heads are bounded in size and in time, half-sent
 requests of every kind are dropped, and the process may hold as many files as the system allows."""
 
+import asyncio
 import os
 import resource
 import socket
@@ -11,9 +12,10 @@ import time
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 import chat
-from conftest import ROOT, free_port, running_server, stop_process, wait_until_healthy
+from conftest import ROOT, free_port, register_and_login, running_server, stop_process, wait_until_healthy, ws_url
 
 
 def raw_connection(base_url):
@@ -128,3 +130,16 @@ def test_the_server_raises_its_open_file_limit_to_the_hard_limit(tmp_path):
         assert line.split()[3] == str(min(hard, 2**20)), line
     finally:
         stop_process(process)
+
+
+def test_the_server_declines_permessage_deflate():
+    # Browsers offer it; chat frames are short, and each compressing socket costs ~34 KiB more.
+    with running_server() as (base_url, _):
+        with httpx.Client(base_url=base_url) as http:
+            _, tokens = register_and_login(http)
+
+        async def handshake():
+            async with connect(ws_url(base_url, tokens["access_token"]), compression="deflate") as ws:
+                return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+        assert asyncio.run(handshake()) is None

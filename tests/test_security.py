@@ -597,7 +597,7 @@ def test_bodies_over_64_kib_get_413_and_64_kib_is_fine(http, chunked):
 
 @pytest.mark.parametrize("function, method, path, body", [
     ("find_user", "POST", "/auth/login", {"username": "bob", "password": PASSWORD}),
-    ("find_user", "POST", "/auth/register", {"username": "bob" + secrets.token_hex(4), "password": PASSWORD}),
+    ("names_like", "POST", "/auth/register", {"username": "bob" + secrets.token_hex(4), "password": PASSWORD}),
     ("fetch_messages", "GET", "/auth/messages", None),
     ("issue_tokens", "POST", "/auth/login", None),
 ])
