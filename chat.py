@@ -1567,8 +1567,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.in_head:
             self.head_bytes += len(data)
         super().data_received(data)
-        if self.in_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self.in_head and self.head_bytes > MAX_HEAD_BYTES:
             self.refuse(b"431 Request Header Fields Too Large", b"Request header fields too large")
+        elif self.head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            # Bytes that no request being answered will read (blank lines between requests, a
+            # body the app never read) would otherwise stop the keep-alive timer for good.
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self.head_timed_out)
 
     def on_message_begin(self):
         super().on_message_begin()
@@ -1592,11 +1598,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def head_timed_out(self):
         self.head_timer = None
-        if self.transport.is_closing() or not self.in_head:
+        if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:  # a response is still going out
             self.head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self.head_timed_out)
-        elif self.head_begun:
+        elif self.in_head and self.head_begun:
             self.refuse(b"408 Request Timeout", b"Request head took too long to arrive")
         else:
             self.transport.close()

@@ -102,6 +102,31 @@ def test_half_sent_requests_of_every_kind_are_dropped_and_new_clients_still_get_
         assert httpx.get(base_url + "/health").status_code == 200
 
 
+def test_bytes_no_request_reads_do_not_keep_a_connection_open():
+    # Blank lines after a response, or a body the app answers without reading, used to stop
+    # uvicorn's keep-alive timer without starting the head timer: held open for ever.
+    with running_server() as (base_url, _):
+        blank_lines = raw_connection(base_url)
+        blank_lines.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert blank_lines.recv(65536).startswith(b"HTTP/1.1 200")
+        unread_body = raw_connection(base_url)
+        unread_body.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert unread_body.recv(65536).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + chat.HEAD_TIMEOUT_SECONDS + 6
+        open_ones = [blank_lines, unread_body]
+        while open_ones and time.monotonic() < deadline:
+            for sock, drip in ((blank_lines, b"\r\n"), (unread_body, b"1\r\na\r\n")):
+                if sock in open_ones:
+                    try:
+                        sock.sendall(drip)
+                    except OSError:
+                        open_ones.remove(sock)
+            time.sleep(0.5)
+        for sock in (blank_lines, unread_body):
+            sock.close()
+        assert open_ones == [], f"{len(open_ones)} connection(s) still open after {chat.HEAD_TIMEOUT_SECONDS + 6} s"
+
+
 def test_a_slowly_dripped_head_that_finishes_in_time_is_served():
     with running_server() as (base_url, _):
         sock = raw_connection(base_url)
