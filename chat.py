@@ -1567,6 +1567,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.in_head:
             self.head_bytes += len(data)
         super().data_received(data)
+        if self.transport.get_protocol() is not self:  # upgraded to a websocket: no longer ours to time
+            self.cancel_head_timer()
+            return
         if self.transport.is_closing():
             return
         if self.in_head and self.head_bytes > MAX_HEAD_BYTES:

@@ -389,11 +389,11 @@ def test_by_default_an_eleventh_socket_of_one_user_is_closed_with_4429(default_s
 
     async def scenario():
         sockets = [await connect(ws_url(default_server[0], tokens["access_token"])) for _ in range(10)]
+        await sockets[0].send("ten are fine")
+        for ws in sockets:  # a socket receives only once it is admitted (and counted)
+            assert await asyncio.wait_for(ws.recv(), 10) == f"{name}: ten are fine"
         async with connect(ws_url(default_server[0], tokens["access_token"])) as eleventh:
             assert await closed_with(eleventh) == (4429, "Too many connections")
-        await sockets[0].send("ten are fine")
-        for ws in sockets:
-            assert await asyncio.wait_for(ws.recv(), 10) == f"{name}: ten are fine"
         for ws in sockets:
             await ws.close()
 

