@@ -515,8 +515,22 @@ bcrypt_threads = concurrent.futures.ThreadPoolExecutor(
 )
 
 
+BCRYPT_QUEUE_LIMIT = 64  # hashes waiting for a thread; past it, a login or registration gets 503
+bcrypt_waiting = 0
+
+
 async def in_bcrypt_thread(function, *args):
-    return await asyncio.get_running_loop().run_in_executor(bcrypt_threads, function, *args)
+    """Run a hash in the bcrypt threads; a queue that long means a flood (made-up names from
+    many addresses, say): refuse at once rather than keep everyone waiting for minutes."""
+    global bcrypt_waiting
+    if bcrypt_waiting >= BCRYPT_QUEUE_LIMIT:
+        refused("bcrypt", ["queue full"])
+        raise HTTPException(503, "The server is busy; try again in a moment", headers={"Retry-After": "1"})
+    bcrypt_waiting += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(bcrypt_threads, function, *args)
+    finally:
+        bcrypt_waiting -= 1
 
 
 def hash_password(password):
@@ -908,7 +922,7 @@ async def metrics(request):
       401: {$ref: '#/components/responses/Error'}
     """
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if METRICS_TOKEN and not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), METRICS_TOKEN)):
+    if METRICS_TOKEN and not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), METRICS_TOKEN.encode())):
         raise HTTPException(401, "Metrics need the metrics token", headers={"WWW-Authenticate": "Bearer"})
     if not METRICS_ON:
         raise HTTPException(404, "Metrics are off (METRICS=off)")
@@ -1218,10 +1232,12 @@ async def relay_from_redis(redis_client, last_id, subscribed):
                     elif event["type"] == "presence":
                         deliver_presence(event)
                     else:
-                        last_id = await catch_up(last_id, before=event["messages"][0]["id"])
+                        if event["messages"][0]["id"] > last_id + 1:  # a gap: ids no one published
+                            last_id = await catch_up(last_id, before=event["messages"][0]["id"])
                         for message in event["messages"]:
-                            deliver(message)
-                        last_id = max(last_id, event["messages"][-1]["id"])
+                            if message["id"] > last_id:  # older ones came already, or by a catch-up
+                                deliver(message)
+                                last_id = message["id"]
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -1261,9 +1277,10 @@ def deliver_presence(event):
 
 
 # With Redis, each process keeps a hash of its users' socket counts, which expires unless the
-# process renews it, and a set names those hashes. Setting a count and summing it over every
-# process happen in one script, so that of two processes whose users connect at once exactly
-# one sees the first socket (a join), and of two that disconnect, one sees the last (a leave).
+# process renews it, and a set names those hashes. Setting a count, summing it over every
+# process and publishing a join or leave happen in one script, so that of two processes whose
+# users connect at once exactly one sees the first socket (a join), of two that disconnect one
+# sees the last (a leave), and the joins and leaves reach the channel in the order they happened.
 SET_PRESENCE = """
 local before = 0
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -1273,8 +1290,11 @@ local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or 0)
 if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) else redis.call('HDEL', KEYS[2], ARGV[1]) end
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[1], KEYS[2])
-return {before, before - old + tonumber(ARGV[2])}
+local after = before - old + tonumber(ARGV[2])
+if before == 0 and after > 0 then redis.call('PUBLISH', KEYS[3], ARGV[4]) end
+if before > 0 and after == 0 then redis.call('PUBLISH', KEYS[3], ARGV[5]) end
 """
+REDIS_SECONDS = 2  # presence calls to Redis give up after this
 ONLINE_EVERYWHERE = """
 local counts = {}
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -1287,16 +1307,23 @@ for username, count in pairs(counts) do table.insert(flat, username); table.inse
 return flat
 """
 PRESENCE_PROCESSES = f"{BROADCAST_CHANNEL}:presence"  # the set of every process's hash
-PRESENCE_OF_THIS_PROCESS = f"{BROADCAST_CHANNEL}:presence:{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
+presence_in_redis = collections.Counter()  # what this process last set in its hash
 
 
-def presence_changed(username, online):
-    """`username`'s first socket in this process just opened (online) or their last just closed:
-    tell everyone, at once without Redis; with Redis, if it was the first or last anywhere."""
-    if service.get("redis") is None:
-        deliver_presence(presence_event(username, online))
-    else:
+def presence_key():
+    """This process's hash (made per process at start-up: a server that forks after import must
+    not give its workers one hash)."""
+    return service.setdefault("presence_key", f"{PRESENCE_PROCESSES}:{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}")
+
+
+def presence_changed(username, opened):
+    """A socket of `username` opened (or closed) here. Without Redis, tell everyone at once if
+    it was their first (or last); with Redis, update this process's count there, which tells
+    everyone if it was their first or last anywhere."""
+    if service.get("redis") is not None:
         in_background(share_presence(username, service["redis"]))
+    elif sockets_per_user[username] == (1 if opened else 0):
+        deliver_presence(presence_event(username, opened))
 
 
 async def share_presence(username, redis_client):
@@ -1304,13 +1331,16 @@ async def share_presence(username, redis_client):
     updates run one at a time, in order), and publish a join or leave if the total crossed zero."""
     try:
         async with service["presence_lock"]:  # one update at a time, in the order they happened
-            before, after = await redis_client.eval(
-                SET_PRESENCE, 2, PRESENCE_PROCESSES, PRESENCE_OF_THIS_PROCESS, username,
-                sockets_per_user[username], PRESENCE_EXPIRY_SECONDS,
-            )
-        if (before == 0) != (after == 0):
-            await redis_client.publish(BROADCAST_CHANNEL, signed(presence_event(username, after > 0)["json"]))
-    except (redis.RedisError, OSError) as error:
+            count = sockets_per_user[username]
+            join, leave = (signed(presence_event(username, online)["json"]) for online in (True, False))
+            await asyncio.wait_for(redis_client.eval(
+                SET_PRESENCE, 3, PRESENCE_PROCESSES, presence_key(), BROADCAST_CHANNEL, username, count,
+                PRESENCE_EXPIRY_SECONDS, join, leave,
+            ), REDIS_SECONDS)
+            presence_in_redis[username] = count
+            if not count:
+                del presence_in_redis[username]
+    except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
         log_now_and_then("presence", logging.WARNING, "could not share presence through Redis (%s); telling this process only", error)
         deliver_presence(presence_event(username, sockets_per_user[username] > 0))
 
@@ -1327,9 +1357,9 @@ async def online_counts():
     redis_client = service.get("redis")
     if redis_client is not None:
         try:
-            flat = await redis_client.eval(ONLINE_EVERYWHERE, 1, PRESENCE_PROCESSES)
+            flat = await asyncio.wait_for(redis_client.eval(ONLINE_EVERYWHERE, 1, PRESENCE_PROCESSES), REDIS_SECONDS)
             return {name.decode(): int(count) for name, count in zip(flat[::2], flat[1::2])}
-        except (redis.RedisError, OSError) as error:
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
             log.warning("could not read presence from Redis (%s); answering with this process's", error)
     return dict(sockets_per_user)
 
@@ -1342,19 +1372,21 @@ async def renew_presence(redis_client):
             service["presence_changed"] = set()
             async with service["presence_lock"]:
                 async with redis_client.pipeline(transaction=True) as pipe:
-                    pipe.delete(PRESENCE_OF_THIS_PROCESS)
-                    if sockets_per_user:
-                        pipe.hset(PRESENCE_OF_THIS_PROCESS, mapping=dict(sockets_per_user))
-                    pipe.expire(PRESENCE_OF_THIS_PROCESS, PRESENCE_EXPIRY_SECONDS)
-                    pipe.sadd(PRESENCE_PROCESSES, PRESENCE_OF_THIS_PROCESS)
-                    await pipe.execute()
+                    # What was announced, not the live counts: updates waiting for the lock would
+                    # otherwise find their change made already, and announce nothing.
+                    pipe.delete(presence_key())
+                    if presence_in_redis:
+                        pipe.hset(presence_key(), mapping=dict(presence_in_redis))
+                    pipe.expire(presence_key(), PRESENCE_EXPIRY_SECONDS)
+                    pipe.sadd(PRESENCE_PROCESSES, presence_key())
+                    await asyncio.wait_for(pipe.execute(), REDIS_SECONDS)
             online = set(await online_counts())
             changed_meanwhile = service["presence_changed"]
             for username in (known_online - online) - changed_meanwhile:
                 deliver_presence(presence_event(username, False))
             for username in (online - known_online) - changed_meanwhile:
                 deliver_presence(presence_event(username, True))
-        except (redis.RedisError, OSError) as error:
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
             log.debug("could not renew presence in Redis: %s", error)
         await asyncio.sleep(PRESENCE_EXPIRY_SECONDS / 3)
 
@@ -1382,7 +1414,7 @@ async def replay(websocket, after, as_json):
     while rows := await fetch_messages(500, after=after):
         for row in rows:
             message = chat_message(row)
-            if sent == REPLAY_LIMIT:
+            if sent == REPLAY_LIMIT or websocket not in clients:  # too many, or closed meanwhile
                 return None
             try:
                 await asyncio.wait_for(websocket.send_text(message["json"] if as_json else message["line"]), REPLAY_SEND_SECONDS)
@@ -1460,8 +1492,7 @@ def socket_options(websocket):
 def socket_opened(username):
     WEBSOCKETS_OPEN.inc()
     sockets_per_user[username] += 1
-    if sockets_per_user[username] == 1:
-        presence_changed(username, True)
+    presence_changed(username, opened=True)
 
 
 def socket_closed(username):
@@ -1469,7 +1500,7 @@ def socket_closed(username):
     sockets_per_user[username] -= 1
     if not sockets_per_user[username]:
         del sockets_per_user[username]
-        presence_changed(username, False)
+    presence_changed(username, opened=False)
 
 
 async def chat_socket(websocket):
@@ -1516,6 +1547,11 @@ async def chat_socket(websocket):
             await asyncio.wait({writer})  # close_client cancels it if it is stuck
     except WebSocketDisconnect:
         pass
+    except Exception as error:  # the database went away, say: one line, not a traceback per reconnect
+        log_now_and_then("socket", logging.ERROR, "a websocket failed and was closed with 1011: %s",
+                         error or type(error).__name__)
+        with contextlib.suppress(Exception):
+            await websocket.close(1011)
     finally:
         clients.pop(websocket, None)
         writers.pop(websocket, None)
@@ -1643,6 +1679,7 @@ async def set_up_service():
     recent_ids.clear()
     recent_id_set.clear()
     known_online.clear()
+    presence_in_redis.clear()
     await database.connect()
     if USES_SQLITE:
         connection = database.connection()
@@ -1671,7 +1708,8 @@ async def set_up_service():
 
 
 def without_password(url):
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+    url = re.sub(r"//([^:/@]*):[^/]*@", r"//\1:***@", url)
+    return re.sub(r"(password=)[^&]*", r"\1***", url)
 
 
 def log_configuration():
@@ -1717,6 +1755,8 @@ async def start_service():
             global database
             if database.is_connected:  # connected on an event loop that has gone: its pool is no use here
                 database = new_database()
+        elif failed:
+            await stop_service()  # what the failed attempt opened
         started = service["started"] = loop.create_task(set_up_service())
     await asyncio.shield(started)
 
@@ -1730,8 +1770,8 @@ async def stop_service():
                 await task
     if service.get("redis"):
         with contextlib.suppress(redis.RedisError, OSError):  # this process's sockets count no more
-            await service["redis"].srem(PRESENCE_PROCESSES, PRESENCE_OF_THIS_PROCESS)
-            await service["redis"].delete(PRESENCE_OF_THIS_PROCESS)
+            await service["redis"].srem(PRESENCE_PROCESSES, presence_key())
+            await service["redis"].delete(presence_key())
         if service["publisher"] is not service["redis"]:
             await service["publisher"].aclose()
         await service.pop("redis").aclose()
