@@ -366,7 +366,7 @@ def name_skeleton(username):
 async def index_name_skeletons(connection):
     """The unique index that makes look-alike names impossible even between concurrent
     registrations; a database that already holds look-alikes keeps them, and a warning says so."""
-    if await index_exists(connection, "users_name_skeleton"):
+    if await exists(connection, "index", "users_name_skeleton"):
         return
     clash = await connection.fetch_val(
         f"SELECT {NAME_SKELETON} FROM users GROUP BY {NAME_SKELETON} HAVING count(*) > 1 LIMIT 1"
@@ -377,27 +377,22 @@ async def index_name_skeletons(connection):
     await connection.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS users_name_skeleton ON users ({NAME_SKELETON})")
 
 
-async def index_exists(connection, name):
+async def exists(connection, kind, name):
+    """Whether the database has a table or an index (`kind`) of this name."""
     if USES_SQLITE:
-        query = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :name"
+        query = "SELECT 1 FROM sqlite_master WHERE type = :kind AND name = :name"
     else:
-        query = "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :name"
-    return await connection.fetch_val(query, {"name": name}) is not None
-
-
-async def table_exists(connection, name):
-    if USES_SQLITE:
-        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"
-    else:
-        query = "SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = :name"
-    return await connection.fetch_val(query, {"name": name}) is not None
+        query = """SELECT 1 FROM pg_class JOIN pg_namespace ON pg_namespace.oid = relnamespace
+                   WHERE nspname = current_schema() AND relname = :name
+                   AND relkind = CASE :kind WHEN 'table' THEN 'r' ELSE 'i' END"""
+    return await connection.fetch_val(query, {"kind": kind, "name": name}) is not None
 
 
 async def stored_schema_version(connection):
     """The database's schema version: 0 for an empty database, 1 for the first release's."""
-    if await table_exists(connection, "schema_version"):
+    if await exists(connection, "table", "schema_version"):
         return await connection.fetch_val("SELECT max(version) FROM schema_version")
-    return 1 if await table_exists(connection, "users") else 0
+    return 1 if await exists(connection, "table", "users") else 0
 
 
 async def upgrade_schema(connection):

@@ -204,3 +204,36 @@ def http(server):
 def ws_url(base_url, token, **query):
     query_string = "&".join(f"{key}={value}" for key, value in {"token": token, **query}.items())
     return base_url.replace("http://", "ws://") + "/ws?" + query_string
+
+
+def unavailable(reason):
+    """Skip a test that needs something this machine lacks; under CI=true, fail it."""
+    if IN_CI:
+        pytest.fail(f"{reason}; CI needs it", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def shared_redis():
+    """The machine's Redis (REDIS_URL), checked to answer."""
+    import redis
+
+    connection = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        connection.ping()
+    except redis.RedisError as error:
+        unavailable(f"Redis at {REDIS_URL} does not answer ({error})")
+    finally:
+        connection.close()
+    return REDIS_URL
+
+
+async def closed_with(ws, seconds=10):
+    """Read until the server closes; returns (code, reason)."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), seconds)
+    except ConnectionClosed:
+        return ws.close_code, ws.close_reason

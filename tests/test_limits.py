@@ -23,8 +23,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import (
-    IN_CI, PASSWORD, REDIS_URL, TMP, free_port, register_and_login, running_server, server_log, stop_process,
-    unique_name, ws_url,
+    PASSWORD, TMP, closed_with, free_port, register_and_login, running_server, server_log, stop_process,
+    unavailable, unique_name, ws_url,
 )
 
 LIMIT_VARIABLES = ("LOGIN_LIMIT", "REGISTER_LIMIT", "MESSAGE_LIMIT", "MAX_SOCKETS_PER_USER")
@@ -83,15 +83,6 @@ def history(http, token, **query):
 def latest_id(http, token):
     messages = history(http, token)
     return messages[-1]["id"] if messages else 0
-
-
-async def closed_with(ws, seconds=10):
-    """Read until the server closes; returns (code, reason)."""
-    try:
-        while True:
-            await asyncio.wait_for(ws.recv(), seconds)
-    except ConnectionClosed:
-        return ws.close_code, ws.close_reason
 
 
 async def receive_until(ws, line, seconds=10):
@@ -429,26 +420,6 @@ def test_by_default_the_twenty_first_registration_from_an_address_is_429(default
 
 
 # ---------------------------------------------------------------- several processes, limits in Redis
-
-
-def unavailable(reason):
-    if IN_CI:
-        pytest.fail(f"{reason}; CI needs it", pytrace=False)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def shared_redis():
-    import redis
-
-    connection = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        connection.ping()
-    except redis.RedisError as error:
-        unavailable(f"Redis at {REDIS_URL} does not answer ({error})")
-    finally:
-        connection.close()
-    return REDIS_URL
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import secrets
 import subprocess
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 

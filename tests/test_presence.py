@@ -156,7 +156,7 @@ def test_two_users_on_two_processes_see_each_other_and_a_killed_process_drops_it
 
     async def scenario():
         async with watch(first, alice_tokens) as alice_ws:
-            async with watch(second, bob_tokens) as bob_ws:
+            async with watch(second, bob_tokens):
                 await wait_for_presence(alice_ws, (bob, True))
                 for base_url in (first, second):
                     names = {row["username"] for row in online(base_url, alice_tokens)}

@@ -26,19 +26,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import (
-    IN_CI, POSTGRES_ADMIN_URL, REDIS_URL, TMP, free_port, postgres_admin, register_and_login, running_server,
-    server_log, stop_process, ws_url,
+    POSTGRES_ADMIN_URL, TMP, free_port, postgres_admin, register_and_login, running_server,
+    server_log, stop_process, unavailable, ws_url,
 )
 
 USER_PREFIX = "so" + secrets.token_hex(3) + "_"  # every user of this module, none of anyone else's
 CHANNEL = "chat-test-" + secrets.token_hex(6)  # this run's own, on the shared Redis
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def unavailable(reason):
-    if IN_CI:
-        pytest.fail(f"{reason}; CI needs it", pytrace=False)
-    pytest.skip(reason)
 
 
 def run(coroutine, seconds=60):
@@ -89,24 +83,6 @@ def shared_database():
     """The PostgreSQL database that this module's servers share."""
     with postgres_database() as name:
         yield name
-
-
-@pytest.fixture(scope="module")
-def shared_redis():
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        problem = f"Redis at {REDIS_URL} does not answer ({error})"
-    else:
-        problem = None
-    finally:
-        client.close()
-    if problem:
-        unavailable(problem)
-    return REDIS_URL
 
 
 class OwnRedis:

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import PASSWORD, register_and_login, running_server, server_log, ws_url
+from conftest import PASSWORD, closed_with, register_and_login, running_server, server_log, ws_url
 
 # Signing with a short key on purpose (a forged token) makes PyJWT warn about the key's length.
 pytestmark = pytest.mark.filterwarnings("ignore:The HMAC key is")
@@ -35,15 +35,6 @@ def open_socket(base_url, token, way, **query):
     if way == "query":
         return connect(ws_url(base_url, token, **query), open_timeout=10)
     return connect(socket_url(base_url, **query), subprotocols=["chat", f"bearer.{token}"], open_timeout=10)
-
-
-async def closed_with(ws, seconds=10):
-    """Read until the server closes; returns (code, reason)."""
-    try:
-        while True:
-            await asyncio.wait_for(ws.recv(), seconds)
-    except ConnectionClosed:
-        return ws.close_code, ws.close_reason
 
 
 def access_token(username, lifetime_seconds, key=None, token_type="access"):
