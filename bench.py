@@ -1891,6 +1891,16 @@ def sockets_cpu_note(cpu):
     return text
 
 
+async def settle(pid, seconds=60):
+    """Wait until the process has been (nearly) idle for half a second, `seconds` at most."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.05:
+            return
+
+
 async def sockets_run(bench, server, paths, sender_path, count, rates, step_s, deadline):
     """`count` websockets on `server` from LOAD_WORKERS processes (paths[i] for worker i), then
     broadcast steps at each of `rates` until one does not hold (or `deadline`, time.monotonic())."""
@@ -1920,7 +1930,9 @@ async def sockets_run(bench, server, paths, sender_path, count, rates, step_s, d
         connected = sum(a["ok"] for a in answers)
         failed = sum(a["failed"] for a in answers)
         errors = "; ".join(a["error"] for a in answers if a["error"])
-        await asyncio.sleep(1.5)
+        # The handshakes are done, but the server may still be admitting the sockets (a token
+        # check and a user look-up each): measure the broadcast once it has settled.
+        await settle(server.pid)
         rss_after = rss_kib(server.pid)
         sender = await ws_connect(server.port, sender_path)
         await asyncio.sleep(0.5)
