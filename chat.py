@@ -95,6 +95,46 @@ def env_int(name, default, minimum, maximum):
     return int(raw)
 
 
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "").strip().lower() or "text"
+if LOG_FORMAT not in ("text", "json"):
+    config_error(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
+
+
+# Logs are set up first, so that what the configuration below logs (the key file) looks like the rest.
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for log shippers."""
+
+    def format(self, record):
+        line = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logs():
+    """chat's lines go to stderr beside uvicorn's (unless a --log-config routed them already);
+    with LOG_FORMAT=json every line, uvicorn's too, is a JSON object."""
+    chat_log = logging.getLogger("chat")
+    if not chat_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False))
+        chat_log.addHandler(handler)
+        chat_log.setLevel(logging.INFO)
+        chat_log.propagate = False
+    if LOG_FORMAT == "json":
+        for name in ("chat", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            for handler in logging.getLogger(name).handlers:
+                handler.setFormatter(JsonLines())
+
+
+configure_logs()
+
+
 ALGORITHM = "HS256"
 ACCESS_TOKEN_EXPIRE_MINUTES = env_int("ACCESS_TOKEN_EXPIRE_MINUTES", 15, 1, 525_600)
 REFRESH_TOKEN_EXPIRE_DAYS = env_int("REFRESH_TOKEN_EXPIRE_DAYS", 7, 1, 3650)
@@ -139,6 +179,8 @@ def key_in_file(path):
     descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(secrets.token_urlsafe(32) + "\n")
+        file.flush()
+        os.fsync(file.fileno())  # on disk before it is in place: never an empty key after a crash
     try:
         os.link(draft, path)  # fails if another process got there first
         log.warning("SECRET_KEY is not set: made a new signing key in %s (keep it private)", path)
@@ -203,46 +245,11 @@ BROADCAST_CHANNEL = os.environ.get("BROADCAST_CHANNEL", "").strip() or "chat:mes
 
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "").strip()
 METRICS_ON = os.environ.get("METRICS", "on").strip().lower() not in ("0", "off")  # off: for the bench
-LOG_FORMAT = os.environ.get("LOG_FORMAT", "").strip().lower() or "text"
-if LOG_FORMAT not in ("text", "json"):
-    config_error(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
 
 
 # ---------------------------------------------------------------- logs and metrics
 
 
-class JsonLines(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object per line, for log shippers."""
-
-    def format(self, record):
-        line = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def configure_logs():
-    """chat's lines go to stderr beside uvicorn's (unless a --log-config routed them already);
-    with LOG_FORMAT=json every line, uvicorn's too, is a JSON object."""
-    chat_log = logging.getLogger("chat")
-    if not chat_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False))
-        chat_log.addHandler(handler)
-        chat_log.setLevel(logging.INFO)
-        chat_log.propagate = False
-    if LOG_FORMAT == "json":
-        for name in ("chat", "uvicorn", "uvicorn.error", "uvicorn.access"):
-            for handler in logging.getLogger(name).handlers:
-                handler.setFormatter(JsonLines())
-
-
-configure_logs()
 log_times = {}  # kind -> [when last logged, how many left out since]
 
 
