@@ -717,15 +717,20 @@ def latency_handler(latencies):
         parts = payload.split(b" ", 3)  # b"user:", seq, send time, [padding]
         seq = int(parts[1])
         append(now - int(parts[2]))
-        ws.got += 1
-        if seq > ws.last:
-            ws.last = seq
-        elif seq == ws.last:
-            ws.dups += 1
-        else:
-            ws.ooo += 1
+        count_arrival(ws, seq)
 
     return handler
+
+
+def count_arrival(ws, seq):
+    """One more frame for `ws`: in order, a duplicate, or out of order."""
+    ws.got += 1
+    if seq > ws.last:
+        ws.last = seq
+    elif seq == ws.last:
+        ws.dups += 1
+    else:
+        ws.ooo += 1
 
 
 JSON_TEXT = b'"text": "'  # chat's format=json frames come from json.dumps: ", " and ": " separators
@@ -749,13 +754,7 @@ def json_latency_handler(latencies, presence):
         seq, sent = payload[start : payload.find(b'"', start)].split(b" ", 2)[:2]  # the text: seq, send time
         seq = int(seq)
         append(now - int(sent))
-        ws.got += 1
-        if seq > ws.last:
-            ws.last = seq
-        elif seq == ws.last:
-            ws.dups += 1
-        else:
-            ws.ooo += 1
+        count_arrival(ws, seq)
 
     return handler
 

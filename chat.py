@@ -76,7 +76,6 @@ for logger_name in ("uvicorn.access", "uvicorn.error", "uvicorn.asgi", "chat"):
     logging.getLogger(logger_name).addFilter(hide_tokens)
 
 
-
 class StartUpError(Exception):
     """Start-up cannot go on; the message says why in one line."""
 
@@ -167,6 +166,9 @@ if DATABASE_URL.partition("://")[0] not in DATABASE_SCHEMES:
 USES_SQLITE = DATABASE_URL.startswith("sqlite")
 
 
+SEED_PLACEHOLDER_KEY = "your-secret-key-change-this-in-production"
+
+
 def key_in_file(path):
     """The signing key kept in `path`, made there (mode 0600) if there is none yet. Processes
     starting together agree: the key is written to a file of its own, then linked into place,
@@ -211,7 +213,6 @@ def secret_key():
         config_error(f"SECRET_KEY is not set and the key file {path} cannot be used ({error.strerror})")
 
 
-SEED_PLACEHOLDER_KEY = "your-secret-key-change-this-in-production"
 SECRET_KEY = secret_key()
 
 BROADCAST_URL = os.environ.get("BROADCAST_URL", "").strip()
@@ -458,16 +459,9 @@ async def names_like(username):
     return [row["username"] for row in rows]
 
 
-def utc_now():
-    """This process's clock, as messages record it: "2026-11-25T21:04:05.123Z"."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-async def insert_message(username, text):
-    """Store a message; returns its id and created_at."""
-    created_at = utc_now()
-    (message_id,) = await insert_messages([(username, text)], created_at)
-    return message_id, created_at
+def iso_utc(timestamp):
+    """A unix time as messages record it: "2026-11-25T21:04:05.123Z"."""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def insert_messages(messages, created_at):
@@ -620,10 +614,16 @@ async def forget_expired_refresh_tokens():
     )
 
 
+def bearer_token(request):
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def bearer_user(request):
     """The username of a valid access token in the Authorization header, or a 401."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    claims = decode_token(token.strip(), "access") if scheme.lower() == "bearer" else None
+    token = bearer_token(request)
+    claims = decode_token(token, "access") if token is not None else None
     if claims is None:
         raise HTTPException(401, "Invalid or expired token", headers={"WWW-Authenticate": "Bearer"})
     return claims["sub"]
@@ -923,8 +923,8 @@ async def metrics(request):
       200: {description: Metrics, content: {text/plain: {schema: {type: string}}}}
       401: {$ref: '#/components/responses/Error'}
     """
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if METRICS_TOKEN and not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), METRICS_TOKEN.encode())):
+    token = bearer_token(request)
+    if METRICS_TOKEN and not (token is not None and hmac.compare_digest(token.encode(), METRICS_TOKEN.encode())):
         raise HTTPException(401, "Metrics need the metrics token", headers={"WWW-Authenticate": "Bearer"})
     if not METRICS_ON:
         raise HTTPException(404, "Metrics are off (METRICS=off)")
@@ -956,9 +956,12 @@ def page_headers(page):
     }
 
 
+PAGE = (HERE / "index.html").read_text()
+PAGE_HEADERS = page_headers(PAGE)
+
+
 async def web_client(request):
-    page = (HERE / "index.html").read_text()
-    return HTMLResponse(page, headers=page_headers(page))
+    return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
 
 schemas = SchemaGenerator(
@@ -1045,11 +1048,11 @@ recent_ids = collections.deque(maxlen=10_000)  # delivered ids, so a message is 
 recent_id_set = set()
 
 
-def chat_message(fields):
+def chat_message(fields, stored_at=None):
     """A stored message (its message_fields) with both of its wire forms rendered once, not once
-    per client, and when it was stored as a number (for the delivery-delay histogram)."""
-    stored_at = None
-    if fields["created_at"]:
+    per client, and when it was stored as a number (for the delivery-delay histogram; read from
+    created_at unless the caller, which just stored it, knows it)."""
+    if stored_at is None and fields["created_at"]:
         stored_at = datetime.datetime.fromisoformat(fields["created_at"].replace("Z", "+00:00")).timestamp()
     return {**fields, "line": f"{fields['username']}: {fields['text']}", "json": json.dumps(fields), "stored_at": stored_at}
 
@@ -1062,17 +1065,15 @@ def deliver(message):
         recent_id_set.discard(recent_ids[0])
     recent_ids.append(message["id"])
     recent_id_set.add(message["id"])
-    queue_for(list(clients), message)
+    queue_for(list(clients.items()), message)
     if message["stored_at"] is not None:
         DELIVERY_DELAY.observe(max(0.0, time.time() - message["stored_at"]))
 
 
-def queue_for(websockets, frame):
+def queue_for(outboxes, frame):
+    """Queue a frame on each (websocket, outbox); a websocket too far behind is closed instead."""
     queued = 0
-    for websocket in websockets:
-        outbox = clients.get(websocket)
-        if outbox is None:
-            continue
+    for websocket, outbox in outboxes:
         if outbox.qsize() >= OUTBOX_LIMIT:
             close_client(websocket, CLOSE_TOO_SLOW)
         else:
@@ -1120,10 +1121,12 @@ async def messages_in_id_order():
                 await connection.execute(f"SELECT pg_advisory_unlock({PUBLISH_LOCK})")
 
 
+# Derived from SECRET_KEY, so only processes that can sign tokens can publish on the channel.
+CHANNEL_KEY = hmac.new(SECRET_KEY.encode(), b"chat broadcast channel", hashlib.sha256).digest()
+
+
 def channel_signature(payload):
-    # The key is derived from SECRET_KEY, so only processes that can sign tokens can publish.
-    key = hmac.new(SECRET_KEY.encode(), b"chat broadcast channel", hashlib.sha256).digest()
-    return hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
+    return hmac.new(CHANNEL_KEY, payload, hashlib.sha256).hexdigest().encode()
 
 
 def signed(payload):
@@ -1143,9 +1146,8 @@ def verified_event(data):
                 return presence_event(fields["username"], fields["online"])
             messages = [message_fields(m["id"], m["username"], m["text"], m["created_at"]) for m in fields["messages"]]
             return {"type": "messages", "messages": [chat_message(m) for m in messages]}
-    if time.monotonic() >= service.get("forgery_warned_at", -60) + 60:
-        service["forgery_warned_at"] = time.monotonic()
-        log.warning("dropped a message on the Redis channel %r that was not signed with this SECRET_KEY", BROADCAST_CHANNEL)
+    log_now_and_then("forgery", logging.WARNING,
+                     "dropped a message on the Redis channel %r that was not signed with this SECRET_KEY", BROADCAST_CHANNEL)
     return None
 
 
@@ -1182,11 +1184,13 @@ async def store_in_batches(to_store):
 
 async def store_batch(batch):
     async with messages_in_id_order():
-        created_at = utc_now()
+        stored_at = time.time()
+        created_at = iso_utc(stored_at)
         ids = await insert_messages(batch, created_at)
         MESSAGES_STORED.inc(len(ids))
         STORE_BATCHES.inc()
-        messages = [chat_message(message_fields(id, username, text, created_at)) for id, (username, text) in zip(ids, batch)]
+        messages = [chat_message(message_fields(id, username, text, created_at), stored_at)
+                    for id, (username, text) in zip(ids, batch)]
         if service.get("publisher") is None:
             for message in messages:
                 deliver(message)
@@ -1274,8 +1278,9 @@ def presence_event(username, online):
 def deliver_presence(event):
     """Queue a join or leave for every local websocket that asked for presence."""
     (known_online.add if event["online"] else known_online.discard)(event["username"])
-    service.setdefault("presence_changed", set()).add(event["username"])
-    queue_for(list(presence_sockets), event)
+    if "presence_changed" in service:  # a renewal is reconciling (with Redis): it must skip this user
+        service["presence_changed"].add(event["username"])
+    queue_for([(websocket, clients[websocket]) for websocket in presence_sockets if websocket in clients], event)
 
 
 # With Redis, each process keeps a hash of its users' socket counts, which expires unless the
@@ -1362,7 +1367,7 @@ async def online_counts():
             flat = await asyncio.wait_for(redis_client.eval(ONLINE_EVERYWHERE, 1, PRESENCE_PROCESSES), REDIS_SECONDS)
             return {name.decode(): int(count) for name, count in zip(flat[::2], flat[1::2])}
         except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
-            log.warning("could not read presence from Redis (%s); answering with this process's", error)
+            log_now_and_then("presence", logging.WARNING, "could not read presence from Redis (%s); answering with this process's", error)
     return dict(sockets_per_user)
 
 
@@ -1826,6 +1831,9 @@ async def refuse_while_not_started(scope, receive, send):
     await send({"type": "websocket.close", "code": 1011})
 
 
+KNOWN_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+
 def time_requests(app):
     """Middleware: HTTP request durations by route template (never the raw path, so clients
     cannot grow the label set), method and status."""
@@ -1850,9 +1858,6 @@ def time_requests(app):
             )
 
     return asgi
-
-
-KNOWN_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
 
 def limit_body_size(app):

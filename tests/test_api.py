@@ -89,7 +89,7 @@ def test_messages_need_a_valid_access_token(client, user):
 
 def store(client, username, *texts):
     """Store messages directly; returns their ids."""
-    return [client.portal.call(chat.insert_message, username, text)[0] for text in texts]
+    return [client.portal.call(chat.insert_messages, [(username, text)], chat.iso_utc(time.time()))[0] for text in texts]
 
 
 def test_messages_are_listed_ascending_with_seed_fields_and_their_time(client, user):
