@@ -9,6 +9,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import gc
 import hashlib
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import weakref
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect
 import uvicorn
 import uvicorn.logging
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -1040,10 +1042,23 @@ async def openapi_schema(request):
 
 # ---------------------------------------------------------------- websocket registry and routes
 
-# Every open chat websocket of this process, with the queue of frames waiting to go to it.
-# An outbox holds message dicts to send, or an int: the close code to end with.
+@dataclasses.dataclass(slots=True, eq=False)
+class Client:
+    """One open chat websocket: how it wants its frames, and what waits to go to it."""
+
+    websocket: WebSocket
+    handler: asyncio.Task | None  # the task serving the socket, until its handler ends (see give_up)
+    as_json: bool = False
+    sent_through: int = 0  # its replay sent the messages up to this id
+    # Frames (message or presence dicts, or an int: the close code to end with) waiting behind a
+    # send in progress; None while nothing is in progress, when a frame goes out at once.
+    backlog: collections.deque | None = dataclasses.field(default_factory=collections.deque)
+    sending: asyncio.Task | None = None  # the task sending the backlog, while there is one
+    gave_up: bool = False
+
+
+# Every open chat websocket of this process.
 clients = {}
-writers = {}  # each websocket's writer task, once it has one
 recent_ids = collections.deque(maxlen=10_000)  # delivered ids, so a message is never delivered twice
 recent_id_set = set()
 
@@ -1058,46 +1073,131 @@ def chat_message(fields, stored_at=None):
 
 
 def deliver(message):
-    """Queue a stored message for every local websocket. Never waits on any of them."""
+    """Send a stored message to every local websocket. Never waits on any of them."""
     if message["id"] in recent_id_set:
         return
     if len(recent_ids) == recent_ids.maxlen:
         recent_id_set.discard(recent_ids[0])
     recent_ids.append(message["id"])
     recent_id_set.add(message["id"])
-    queue_for(list(clients.items()), message)
+    send_to(list(clients.values()), message)
     if message["stored_at"] is not None:
         DELIVERY_DELAY.observe(max(0.0, time.time() - message["stored_at"]))
 
 
-def queue_for(outboxes, frame):
-    """Queue a frame on each (websocket, outbox); a websocket too far behind is closed instead."""
-    queued = 0
-    for websocket, outbox in outboxes:
-        if outbox.qsize() >= OUTBOX_LIMIT:
-            close_client(websocket, CLOSE_TOO_SLOW)
+def send_to(targets, frame):
+    """Send a frame to each client at once, or queue it behind what the client has not taken
+    yet; a client too far behind is closed instead."""
+    sent = 0
+    for client in targets:
+        if client.backlog is None:
+            send_now(client, frame)
+        elif len(client.backlog) < OUTBOX_LIMIT:
+            client.backlog.append(frame)
         else:
-            outbox.put_nowait(frame)
-            queued += 1
-    FRAMES_DELIVERED.inc(queued)
+            close_client(client.websocket, CLOSE_TOO_SLOW)
+            continue
+        sent += 1
+    FRAMES_DELIVERED.inc(sent)
+
+
+def send_now(client, item):
+    """Send a frame (or the close) without waiting. A send that has to wait, because the client
+    is not reading fast enough, goes on in a task, and what comes next queues behind it."""
+    try:
+        rest = run_until_it_waits(send_item(client, item))
+    except Exception as error:
+        client_gone(client, error)
+        return
+    if rest is not None:
+        client.backlog = collections.deque()
+        client.sending = asyncio.ensure_future(send_backlog(client, rest))
+
+
+async def send_item(client, item):
+    if isinstance(item, int):
+        await client.websocket.close(item, CLOSE_REASONS.get(item))
+    elif item["type"] == "presence":
+        await client.websocket.send_text(item["json"])
+    elif item["id"] > client.sent_through:  # not already sent by its replay
+        await client.websocket.send_text(item["json"] if client.as_json else item["line"])
+
+
+async def send_backlog(client, rest=None):
+    """A client's writer while it is behind: finishes the send that had to wait, then sends what
+    queued meanwhile, in order. Once the backlog is empty, frames go out at once again."""
+    try:
+        if rest is not None:
+            await rest
+        while client.backlog:
+            await send_item(client, client.backlog.popleft())
+    except Exception as error:
+        client_gone(client, error)
+    finally:
+        client.backlog = None
+
+
+def client_gone(client, error):
+    """A send failed: the client left (its handler hears so and cleans up), or something is wrong."""
+    clients.pop(client.websocket, None)
+    if not isinstance(error, (WebSocketDisconnect, RuntimeError, OSError)):
+        log_now_and_then("send", logging.ERROR, "could not send to a websocket: %r", error)
+
+
+def run_until_it_waits(coroutine):
+    """Run a coroutine until it first has to wait: None if it finished by then, else an awaitable
+    for the rest. A send to a socket that takes it finishes at once, so a frame costs no task
+    wake-up (what Python 3.12's eager tasks do)."""
+    try:
+        awaiting = coroutine.send(None)
+    except StopIteration:
+        return None
+    return rest_of(coroutine, awaiting)
+
+
+@types.coroutine
+def rest_of(coroutine, awaiting):
+    """Go on with a coroutine that run_until_it_waits() started, from what it was awaiting."""
+    while True:
+        try:
+            yield awaiting
+        except BaseException as error:  # cancelled, say: the coroutine decides what that means
+            resume, value = coroutine.throw, error
+        else:
+            resume, value = coroutine.send, None
+        try:
+            awaiting = resume(value)
+        except StopIteration as finished:
+            return finished.value
 
 
 def close_client(websocket, code):
-    """Take a websocket out of the broadcast; its writer sends what is queued, then closes
-    (a client closed as too slow gets no more frames: it catches up with after=)."""
-    outbox = clients.pop(websocket, None)
-    if outbox is not None:
-        if code == CLOSE_TOO_SLOW:
-            while not outbox.empty():
-                outbox.get_nowait()
-            CLOSED_TOO_SLOW.inc()
-            log_now_and_then("too slow", logging.INFO, "closed a websocket from %s as too far behind (1013)",
-                             "%s:%s" % tuple(websocket.client or ("?", "?")))
-        outbox.put_nowait(code)
-        # A writer stuck sending to a client that stopped reading would never get to the close:
-        # let it go after a while, so that the socket's handler ends and its slot is free.
-        if (writer := writers.get(websocket)) is not None:
-            asyncio.get_running_loop().call_later(CLOSE_SECONDS, writer.cancel)
+    """Take a websocket out of the broadcast and close it once it has taken what is queued (a
+    client closed as too slow gets no more frames: it catches up with after=)."""
+    client = clients.pop(websocket, None)
+    if client is None:
+        return
+    if code == CLOSE_TOO_SLOW:
+        if client.backlog:
+            client.backlog.clear()
+        CLOSED_TOO_SLOW.inc()
+        log_now_and_then("too slow", logging.INFO, "closed a websocket from %s as too far behind (1013)",
+                         "%s:%s" % tuple(websocket.client or ("?", "?")))
+    if client.backlog is None:
+        send_now(client, code)
+    else:
+        client.backlog.append(code)
+    # A send stuck on a client that stopped reading would never get to the close: let the
+    # socket go after a while, so that its handler ends and its slot is free.
+    asyncio.get_running_loop().call_later(CLOSE_SECONDS, give_up, client)
+
+
+def give_up(client):
+    if client.sending is not None:
+        client.sending.cancel()
+    if client.handler is not None and not client.handler.done():
+        client.gave_up = True
+        client.handler.cancel()
 
 
 PUBLISH_LOCK = 4_711_002  # the PostgreSQL advisory lock every process holds from insert to publish
@@ -1280,7 +1380,7 @@ def deliver_presence(event):
     (known_online.add if event["online"] else known_online.discard)(event["username"])
     if "presence_changed" in service:  # a renewal is reconciling (with Redis): it must skip this user
         service["presence_changed"].add(event["username"])
-    queue_for([(websocket, clients[websocket]) for websocket in presence_sockets if websocket in clients], event)
+    send_to([clients[websocket] for websocket in presence_sockets if websocket in clients], event)
 
 
 # With Redis, each process keeps a hash of its users' socket counts, which expires unless the
@@ -1432,22 +1532,6 @@ async def replay(websocket, after, as_json):
     return after
 
 
-async def send_outbox(websocket, outbox, as_json, replayed_through):
-    """The one writer of a websocket: sends its queued messages in order, then its close code."""
-    try:
-        while True:
-            item = await outbox.get()
-            if isinstance(item, int):
-                await websocket.close(item, CLOSE_REASONS.get(item))
-                return
-            if item["type"] == "presence":
-                await websocket.send_text(item["json"])
-            elif item["id"] > (replayed_through or 0):  # queued during the replay and already sent by it
-                await websocket.send_text(item["json"] if as_json else item["line"])
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        pass  # the client is gone, or closed first
-
-
 async def read_frames(websocket, username):
     """Store and broadcast each text frame; returns a close code, or None once the client left."""
     while True:
@@ -1496,6 +1580,18 @@ def socket_options(websocket):
     return frame_format == "json", after, presence == "1"
 
 
+def socket_claims(websocket):
+    """(username, expiry time) from the socket's access token, or None."""
+    claims = decode_token(socket_token(websocket), "access")
+    return claims and (claims["sub"], claims["exp"])
+
+
+async def stored_username(username):
+    """The stored spelling of a user's name, or None once the account is gone."""
+    user = await find_user(username)
+    return user and user["username"]
+
+
 def socket_opened(username):
     WEBSOCKETS_OPEN.inc()
     sockets_per_user[username] += 1
@@ -1511,61 +1607,65 @@ def socket_closed(username):
 
 
 async def chat_socket(websocket):
-    claims = decode_token(socket_token(websocket), "access")
+    claims = socket_claims(websocket)
     options = socket_options(websocket)
-    outbox = asyncio.Queue()
+    client = Client(websocket, asyncio.current_task(), as_json=bool(options and options[0]))
     if claims:
-        clients[websocket] = outbox  # before the handshake: a connected client misses nothing
+        clients[websocket] = client  # before the handshake: a connected client misses nothing
         if options and options[2]:
             presence_sockets.add(websocket)  # nor a join or leave, whatever GET /auth/online answers
-    reader = writer = expiry = username = None
+    expiry = username = None  # username: once the socket counts as open
     try:
         # Accept before judging the token: a close before accept reaches the client as HTTP 403.
         await websocket.accept("chat" if "chat" in websocket.scope.get("subprotocols", []) else None)
-        user = claims and await find_user(claims["sub"])
-        if not user:
+        name = claims and await stored_username(claims[0])
+        if not name:
             await websocket.close(1008, "Invalid or expired token")
             return
         if options is None:
             await websocket.close(1008, "format must be json, after a message id, and presence 1 with format json")
             return
-        if MAX_SOCKETS_PER_USER and sockets_per_user[user["username"]] >= MAX_SOCKETS_PER_USER:
-            refused("sockets", [user["username"]])
+        if MAX_SOCKETS_PER_USER and sockets_per_user[name] >= MAX_SOCKETS_PER_USER:
+            refused("sockets", [name])
             await websocket.close(CLOSE_TOO_MANY, "Too many connections")
             return
-        as_json, after, _ = options
-        username = user["username"]
+        username = name
         socket_opened(username)
         # A socket lives no longer than the token it was opened with.
         expiry = asyncio.get_running_loop().call_later(
-            max(0.0, claims["exp"] - time.time()), close_client, websocket, CLOSE_TOKEN_EXPIRED
+            max(0.0, claims[1] - time.time()), close_client, websocket, CLOSE_TOKEN_EXPIRED
         )
-        replayed_through = await replay(websocket, after, as_json) if after is not None else 0
-        if replayed_through is None:
-            close_client(websocket, CLOSE_TOO_SLOW)
-        writer = writers[websocket] = asyncio.create_task(send_outbox(websocket, outbox, as_json, replayed_through))
-        if websocket not in clients:  # closed already: give the writer as long as close_client would
-            asyncio.get_running_loop().call_later(CLOSE_SECONDS, writer.cancel)
-        reader = asyncio.create_task(read_frames(websocket, username))
-        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        code = reader.result() if reader.done() and not reader.cancelled() and not reader.exception() else None
+        if options[1] is not None:
+            replayed_through = await replay(websocket, options[1], client.as_json)
+            if replayed_through is None:
+                close_client(websocket, CLOSE_TOO_SLOW)
+            client.sent_through = replayed_through or 0
+        if client.backlog:  # what arrived while it connected and replayed
+            client.sending = asyncio.ensure_future(send_backlog(client))
+        else:
+            client.backlog = None
+        code = await read_frames(websocket, username)
         if code is not None:
             close_client(websocket, code)
-            await asyncio.wait({writer})  # close_client cancels it if it is stuck
+        if client.sending is not None:
+            await asyncio.wait({client.sending})  # the close goes out last; give_up() ends a stuck one
     except WebSocketDisconnect:
         pass
+    except asyncio.CancelledError:
+        if not client.gave_up:
+            raise
+        asyncio.current_task().uncancel()  # give_up() let go of a client that stopped reading
     except Exception as error:  # the database went away, say: one line, not a traceback per reconnect
         log_now_and_then("socket", logging.ERROR, "a websocket failed and was closed with 1011: %s",
                          error or type(error).__name__)
         with contextlib.suppress(Exception):
             await websocket.close(1011)
     finally:
+        client.handler = None
         clients.pop(websocket, None)
-        writers.pop(websocket, None)
         presence_sockets.discard(websocket)
-        for task in (reader, writer):
-            if task is not None:
-                task.cancel()
+        if client.sending is not None:
+            client.sending.cancel()
         if expiry is not None:
             expiry.cancel()
         if username is not None:
@@ -1573,12 +1673,12 @@ async def chat_socket(websocket):
 
 
 async def close_all_websockets(code, wait_seconds=2.0):
-    """Close every local websocket with `code`, giving their writers a moment to send it."""
-    outboxes = list(clients.values())
-    for websocket in list(clients):
-        close_client(websocket, code)
+    """Close every local websocket with `code`, giving each a moment to take what is queued and the close."""
+    closing = list(clients.values())
+    for client in closing:
+        close_client(client.websocket, code)
     deadline = time.monotonic() + wait_seconds
-    while any(not outbox.empty() for outbox in outboxes) and time.monotonic() < deadline:
+    while any(client.backlog is not None for client in closing) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.05)
 
