@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import types
+import typing
 import weakref
 from pathlib import Path
 
@@ -1047,6 +1048,7 @@ class Client:
     """One open chat websocket: how it wants its frames, and what waits to go to it."""
 
     websocket: WebSocket
+    send: typing.Callable  # the socket's ASGI send (see sending)
     handler: asyncio.Task | None  # the task serving the socket, until its handler ends (see give_up)
     as_json: bool = False
     sent_through: int = 0  # its replay sent the messages up to this id
@@ -1070,7 +1072,9 @@ def chat_message(fields, stored_at=None):
     created_at unless the caller, which just stored it, knows it)."""
     if stored_at is None and fields["created_at"]:
         stored_at = datetime.datetime.fromisoformat(fields["created_at"].replace("Z", "+00:00")).timestamp()
-    return {**fields, "line": f"{fields['username']}: {fields['text']}", "json": json.dumps(fields), "stored_at": stored_at}
+    line, as_json = f"{fields['username']}: {fields['text']}", json.dumps(fields)
+    return {**fields, "line": line, "json": as_json, "stored_at": stored_at,
+            "send_line": {"type": "websocket.send", "text": line}, "send_json": {"type": "websocket.send", "text": as_json}}
 
 
 def deliver(message):
@@ -1106,7 +1110,8 @@ def send_now(client, item):
     """Send a frame (or the close) without waiting. A send that has to wait, because the client
     is not reading fast enough, goes on in a task, and what comes next queues behind it."""
     try:
-        rest = run_until_it_waits(send_item(client, item))
+        coroutine = sending(client, item)
+        rest = coroutine and run_until_it_waits(coroutine)
     except Exception as error:
         client_gone(client, error)
         return
@@ -1115,13 +1120,17 @@ def send_now(client, item):
         client.sending = asyncio.ensure_future(send_backlog(client, rest))
 
 
-async def send_item(client, item):
+def sending(client, item):
+    """The coroutine that sends an item to a client, or None when its replay sent it already.
+    A frame goes straight to the socket's ASGI send, as one message built once for every client
+    (Starlette's send_text would build one per client, and check states that only a close changes)."""
     if isinstance(item, int):
-        await client.websocket.close(item, CLOSE_REASONS.get(item))
-    elif item["type"] == "presence":
-        await client.websocket.send_text(item["json"])
-    elif item["id"] > client.sent_through:  # not already sent by its replay
-        await client.websocket.send_text(item["json"] if client.as_json else item["line"])
+        return client.websocket.close(item, CLOSE_REASONS.get(item))
+    if item["type"] == "presence":
+        return client.send(item["send_json"])
+    if item["id"] > client.sent_through:
+        return client.send(item["send_json"] if client.as_json else item["send_line"])
+    return None
 
 
 async def send_backlog(client, rest=None):
@@ -1131,7 +1140,8 @@ async def send_backlog(client, rest=None):
         if rest is not None:
             await rest
         while client.backlog:
-            await send_item(client, client.backlog.popleft())
+            if (coroutine := sending(client, client.backlog.popleft())) is not None:
+                await coroutine
     except Exception as error:
         client_gone(client, error)
     finally:
@@ -1373,7 +1383,8 @@ known_online = set()  # who this process last knew to be online anywhere
 
 def presence_event(username, online):
     fields = {"type": "presence", "username": username, "online": online}
-    return {**fields, "json": json.dumps(fields)}
+    as_json = json.dumps(fields)
+    return {**fields, "json": as_json, "send_json": {"type": "websocket.send", "text": as_json}}
 
 
 def deliver_presence(event):
@@ -1612,10 +1623,10 @@ def socket_closed(username):
     presence_changed(username, opened=False)
 
 
-async def chat_socket(websocket):
+async def chat_socket(websocket, send):
     claims = socket_claims(websocket)
     options = socket_options(websocket)
-    client = Client(websocket, asyncio.current_task(), as_json=bool(options and options[0]))
+    client = Client(websocket, send, asyncio.current_task(), as_json=bool(options and options[0]))
     if claims:
         clients[websocket] = client  # before the handshake: a connected client misses nothing
         if options and options[2]:
@@ -1682,10 +1693,10 @@ class ChatSocketApp:
     saves about a KiB per socket. chat_socket handles its own errors."""
 
     def __init__(self, scope, receive, send):
-        self.websocket = WebSocket(scope, receive, send)
+        self.websocket, self.send = WebSocket(scope, receive, send), send
 
     def __await__(self):
-        return chat_socket(self.websocket).__await__()
+        return chat_socket(self.websocket, self.send).__await__()
 
 
 async def close_expired_sockets():
