@@ -1649,7 +1649,9 @@ async def presence_churn(port, path, period, stop):
 async def scenario_presence(bench):
     """Scenario 1's fan-out on one server, its clients all on format=json&presence=1 (so every join and
     leave is a frame to each of them), without and with one more user whose only socket opens and
-    closes every 100 ms. The rounds alternate off, on, on, off, as in the limits row."""
+    closes every 100 ms. The rounds alternate off, on, on, off, as in the limits row. Then the same
+    with clients on format=json alone: what presence itself costs (a join and a leave tracked, a
+    socket opened and closed) apart from the frames that subscribers asked for."""
     q = bench.quick
     clients, rate, duration, period = (500, 20, 3, 0.1) if q else (500, 20, 6, 0.1)
     chat = await bench.start_chat(name="chat-presence")
@@ -1657,8 +1659,8 @@ async def scenario_presence(bench):
     churner, churn_token = await bench.user_token(chat.port)
     path = f"/ws?token={token}&format=json&presence=1"
     churn_path = f"/ws?token={churn_token}&format=json&presence=1"  # as the web page connects
-    order = ("off", "on", "on", "off")
-    runs = {"off": [], "on": []}
+    order = ("off", "on", "on", "off", "plain off", "plain on", "plain on", "plain off")
+    runs = {key: [] for key in order}
     for key in order:
         presence = collections.Counter()
 
@@ -1668,7 +1670,8 @@ async def scenario_presence(bench):
         def during(stop):
             return presence_churn(chat.port, churn_path, period, stop)
 
-        run = await fanout_run(chat, path, clients, rate, duration, make_handler, during if key == "on" else None)
+        run = await fanout_run(chat, path.removesuffix("&presence=1") if key.startswith("plain") else path,
+                               clients, rate, duration, make_handler, during if key.endswith("on") else None)
         run["joins"], run["leaves"] = presence[churner, True], presence[churner, False]
         run["presence_frames"] = sum(presence.values())
         runs[key].append(run)
@@ -1691,11 +1694,11 @@ async def scenario_presence(bench):
             "skipped": sum(r["during"]["skipped"] for r in rounds if r["during"]),
         }
 
-    off, on = pooled("off"), pooled("on")
-    ratio = on["p99"] / off["p99"]
+    off, on, plain_off, plain_on = pooled("off"), pooled("on"), pooled("plain off"), pooled("plain on")
+    ratio, plain_ratio = on["p99"] / off["p99"], plain_on["p99"] / plain_off["p99"]
     name = (f"10 presence churn: fan-out as in 1 ({clients} clients on format=json&presence=1, {rate} msg/s for "
             f"{duration} s), without and with a user of their own joining and leaving every {period * 1000:.0f} ms; "
-            "one server, 2 rounds each, off/on/on/off")
+            "one server, 2 rounds each, off/on/on/off; then the same with clients on format=json alone")
     t = bench.table
     t.add(name, "fan-out p99, no churn (ms)", off["p99"],
           note=f"rounds {off['rounds']} ms; p50 {off['p50']:.1f} ms, max {off['max']:.1f} ms; {off['cpu']}")
@@ -1710,6 +1713,13 @@ async def scenario_presence(bench):
     t.add(name, "lost / out-of-order, churn", f"{on['lost']} / {on['ooo']}", target="0 / 0",
           result=verdict(on["lost"] == 0 and on["ooo"] == 0),
           note=f"closed early {on['closed']}; no churn: {off['lost']} / {off['ooo']}, closed early {off['closed']}")
+    t.add(name, "fan-out p99, no churn, no presence frames (ms)", plain_off["p99"],
+          note=f"rounds {plain_off['rounds']} ms; p50 {plain_off['p50']:.1f} ms; {plain_off['cpu']}")
+    t.add(name, "fan-out p99, churn, no presence frames (ms)", plain_on["p99"], target="churn/no churn <= 1.1x",
+          result=verdict(plain_ratio <= 1.1),
+          note=f"{plain_ratio:.2f}x no churn; rounds {plain_on['rounds']} ms; p50 {plain_on['p50']:.1f} ms; "
+               f"{plain_on['cycles']} opens and closes, {plain_on['frames']} presence frames delivered (0 expected); "
+               f"lost / out-of-order {plain_on['lost']} / {plain_on['ooo']}; {plain_on['cpu']}")
 
 
 # ---------------------------------------------------------------- scenario 11: 10,000 sockets
@@ -2110,7 +2120,7 @@ SCENARIOS = {
     "scaleout": (scenario_scaleout, 60, 20),
     "limits": (scenario_limits, 70, 25),
     "protocol": (scenario_protocol, 60, 25),
-    "presence": (scenario_presence, 70, 30),
+    "presence": (scenario_presence, 130, 60),
     "sockets": (scenario_sockets, 170, 60),
     "metrics": (scenario_metrics, 70, 25),
 }

@@ -105,16 +105,21 @@ def test_json_format_frames(server, http, alice):
     run(scenario())
 
 
-def test_text_is_kept_as_sent_and_1000_characters_is_allowed(server, alice):
-    texts = ["  spaced  ", "x" * 1000, "tab\tand\nnewline", "Ünïcödé 🎉"]
+def test_text_is_kept_as_sent_and_1000_characters_is_allowed(server, http, alice):
+    """Live and in the history: a batch is stored as one JSON parameter, so the text must survive
+    quotes, backslashes, escapes and characters outside the BMP on the way into the database too."""
+    texts = ["  spaced  ", "x" * 1000, "tab\tand\nnewline", "Ünïcödé 🎉", 'quote " and \\ and \\u0041 and [1, 2]', "𝄞𝄞 ﷽"]
 
     async def scenario():
-        async with connect(ws_url(server, alice[1]["access_token"])) as ws:
+        async with connect(ws_url(server, alice[1]["access_token"], format="json")) as ws:
             for text in texts:
                 await ws.send(text)
-            assert await receive(ws, len(texts)) == [f"{alice[0]}: {text}" for text in texts]
+            return [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in texts]
 
-    run(scenario())
+    frames = run(scenario())
+    assert [frame["text"] for frame in frames] == texts
+    stored = history(http, alice[1], after=frames[0]["id"] - 1)
+    assert [(m["id"], m["text"]) for m in stored] == [(frame["id"], frame["text"]) for frame in frames]
 
 
 def test_empty_blank_and_nul_frames_are_ignored(server, http, alice):
