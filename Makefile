@@ -22,7 +22,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt requirements.lock | $(BIN)/p
 	touch $@ $(VENV)/.run
 
 # The flags every documented command uses: see "Serving it on the open internet" in the README.
-SERVE_FLAGS := --ws-max-size 65536 --ws-per-message-deflate false --http chat:BoundedHttpProtocol --limit-concurrency 16384
+SERVE_FLAGS := --ws-max-size 65536 --ws-per-message-deflate false --http chat:BoundedHttpProtocol --ws chat:ChatWebSocketProtocol --limit-concurrency 16384
 
 run: $(VENV)/.run
 	$(BIN)/uvicorn chat:app --host $(HOST) --port $(PORT) $(SERVE_FLAGS)

@@ -74,7 +74,8 @@ HIGH_MESSAGE_LIMIT = "1000000 per second"  # the limits row: counted on every me
 # Every chat server runs as deployed: the flags of the Makefile's SERVE_FLAGS (README, "Serving it on the
 # open internet"). Only the protocol row swaps --http, to price the shipped choice against the others.
 SHIPPED_HTTP = "chat:BoundedHttpProtocol"  # httptools with a 64 KiB, 10 s bound on request heads
-SERVE_FLAGS = ["--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--limit-concurrency", "16384"]  # and --http SHIPPED_HTTP
+SERVE_FLAGS = ["--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--ws", "chat:ChatWebSocketProtocol",
+               "--limit-concurrency", "16384"]  # and --http SHIPPED_HTTP
 PROTOCOLS = (  # the protocol row: (label, --http value), the first one what we ship
     ("BoundedHttpProtocol", SHIPPED_HTTP),
     ("httptools (stock)", "httptools"),

@@ -53,6 +53,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 import uvicorn
 import uvicorn.logging
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+import websockets.frames
+from websockets.protocol import State as WebSocketState
 
 log = logging.getLogger("chat")
 HERE = Path(__file__).resolve().parent
@@ -1077,6 +1080,13 @@ recent_ids = collections.deque(maxlen=10_000)  # delivered ids, so a message is 
 recent_id_set = set()
 
 
+def text_frame(text):
+    """A websocket.send message for `text`, with the frame that carries it serialized once (a
+    server-to-client frame is the same for every client: not masked, no extension)."""
+    frame = websockets.frames.Frame(websockets.frames.Opcode.TEXT, text.encode())
+    return {"type": "websocket.send", "text": text, "chat.frame": frame.serialize(mask=False, extensions=[])}
+
+
 def chat_message(fields, stored_at=None):
     """A stored message (its message_fields) with both of its wire forms rendered once, not once
     per client, and when it was stored as a number (for the delivery-delay histogram; read from
@@ -1085,7 +1095,7 @@ def chat_message(fields, stored_at=None):
         stored_at = datetime.datetime.fromisoformat(fields["created_at"].replace("Z", "+00:00")).timestamp()
     line, as_json = f"{fields['username']}: {fields['text']}", json.dumps(fields)
     return {**fields, "line": line, "json": as_json, "stored_at": stored_at,
-            "send_line": {"type": "websocket.send", "text": line}, "send_json": {"type": "websocket.send", "text": as_json}}
+            "send_line": text_frame(line), "send_json": text_frame(as_json)}
 
 
 def deliver(message):
@@ -1118,8 +1128,14 @@ def send_to(targets, frame):
 
 
 def send_now(client, item):
-    """Send a frame (or the close) without waiting. A send that has to wait, because the client
-    is not reading fast enough, goes on in a task, and what comes next queues behind it."""
+    """Send a frame without waiting. A send that has to wait, because the client is not reading
+    fast enough, goes on in a task, and what comes next queues behind it. A close always goes in
+    a task: with some servers it waits for the client's answer under a timeout that belongs to the
+    task it runs in, which must not be the caller's (a sender's, or the expiry sweep)."""
+    if isinstance(item, int):
+        client.backlog = collections.deque((item,))
+        client.sending = asyncio.ensure_future(send_backlog(client))
+        return
     try:
         coroutine = sending(client, item)
         rest = coroutine and run_until_it_waits(coroutine)
@@ -1160,10 +1176,12 @@ async def send_backlog(client, rest=None):
 
 
 def client_gone(client, error):
-    """A send failed: the client left (its handler hears so and cleans up), or something is wrong."""
+    """A send failed: the client left (its handler hears so and cleans up), or something is
+    wrong, and the socket is let go at once."""
     clients.pop(client.websocket, None)
     if not isinstance(error, (WebSocketDisconnect, RuntimeError, OSError)):
         log_now_and_then("send", logging.ERROR, "could not send to a websocket: %r", error)
+        give_up(client)
 
 
 def run_until_it_waits(coroutine):
@@ -1395,7 +1413,7 @@ known_online = set()  # who this process last knew to be online anywhere
 def presence_event(username, online):
     fields = {"type": "presence", "username": username, "online": online}
     as_json = json.dumps(fields)
-    return {**fields, "json": as_json, "send_json": {"type": "websocket.send", "text": as_json}}
+    return {**fields, "json": as_json, "send_json": text_frame(as_json)}
 
 
 def deliver_presence(event):
@@ -1664,18 +1682,17 @@ async def chat_socket(websocket, send):
             close_client(websocket, CLOSE_TOKEN_EXPIRED)
         if options[1] is not None:
             replayed_through = await replay(websocket, options[1], client.as_json)
-            if replayed_through is None:
+            if replayed_through is None:  # cut short: no live message may follow, or after= would skip the rest
                 close_client(websocket, CLOSE_TOO_SLOW)
-            client.sent_through = replayed_through or 0
+            client.sent_through = NO_ID_LIMIT if replayed_through is None else replayed_through
         if client.backlog:  # what arrived while it connected and replayed
             client.sending = asyncio.ensure_future(send_backlog(client))
         else:
             client.backlog = None
         code = await read_frames(websocket, username)
-        if code is not None:
+        if code is not None:  # the close goes out after what is queued; give_up() ends a stuck one
             close_client(websocket, code)
-        if client.sending is not None:
-            await asyncio.wait({client.sending})  # the close goes out last; give_up() ends a stuck one
+            await asyncio.wait({client.sending})
     except WebSocketDisconnect:
         pass
     except asyncio.CancelledError:
@@ -1685,10 +1702,11 @@ async def chat_socket(websocket, send):
     except Exception as error:  # the database went away, say: one line, not a traceback per reconnect
         log_now_and_then("socket", logging.ERROR, "a websocket failed and was closed with 1011: %s",
                          error or type(error).__name__)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # give_up() may end this close too
             await websocket.close(1011)
     finally:
         client.handler = None
+        client.backlog = None
         clients.pop(websocket, None)
         presence_sockets.discard(websocket)
         if client.sending is not None:
@@ -1810,6 +1828,29 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         self.transport.close()
+
+
+# ---------------------------------------------------------------- uvicorn's websocket protocol, frames rendered once
+
+class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol, plus one shortcut; serve with
+    `--ws chat:ChatWebSocketProtocol`. A websocket.send message that carries its frame already
+    serialized (`chat.frame`: chat renders each message's frame once, for every client) is written
+    to the socket as it is, instead of being framed again for each client, which cost more than
+    the write itself (bench row 11). Anything else, and any socket not plainly open and keeping
+    up, takes uvicorn's own path; other servers ignore the extra key and send the text."""
+
+    async def send(self, message):
+        frame = message.get("chat.frame")
+        if frame is not None and self.writable.is_set() and self.can_take_frames():
+            self.transport.write(frame)
+        else:
+            await super().send(message)
+
+    def can_take_frames(self):
+        conn = self.conn
+        return (self.handshake_complete and not self.close_sent and not self.disconnected and self.initial_response is None
+                and conn.state is WebSocketState.OPEN and not conn.extensions and not conn.expect_continuation_frame)
 
 
 def raise_open_file_limit():
@@ -2148,5 +2189,5 @@ app = Starlette(
 
 if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=8000, ws_max_size=WS_MAX_FRAME_BYTES, ws_per_message_deflate=False,
-                http=BoundedHttpProtocol,
+                http=BoundedHttpProtocol, ws=ChatWebSocketProtocol,
                 limit_concurrency=LIMIT_CONCURRENCY)

@@ -52,7 +52,7 @@ def start_server():
     env.pop("BROADCAST_URL", None)
     command = [sys.executable, "-m", "uvicorn", "chat:app", "--host", "127.0.0.1", "--port", str(port),
                "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--http", "chat:BoundedHttpProtocol",
-               "--limit-concurrency", "16384",
+               "--ws", "chat:ChatWebSocketProtocol", "--limit-concurrency", "16384",
                "--log-level", "warning"]
     here = os.path.dirname(os.path.abspath(__file__))
     process = subprocess.Popen(command, cwd=here, env=env)

@@ -173,7 +173,7 @@ def running_server(env=None, args=(), port=None, app="chat:app", health_path="/h
     port = port or free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
                "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--http", "chat:BoundedHttpProtocol",
-               "--limit-concurrency", "16384",
+               "--ws", "chat:ChatWebSocketProtocol", "--limit-concurrency", "16384",
                "--log-level", "warning", *args]
     log_path = TMP / f"server-{port}-{secrets.token_hex(3)}.log"
     with open(log_path, "w") as log_file:

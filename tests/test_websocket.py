@@ -353,3 +353,47 @@ def test_an_unreachable_database_gives_503_and_websocket_1011():
         run(scenario())
     finally:
         stop_process(process)
+
+
+def frame_texts(name):
+    """Texts whose lines straddle the frame header's length forms (125 and 126 bytes, 64 KiB is
+    out of reach at 1,000 characters), with multi-byte characters."""
+    prefix = len(f"{name}: ")
+    return ["a", "x" * (125 - prefix), "y" * (126 - prefix), "é" * 1000, "🎉 ok"]
+
+
+async def chat_both_formats(base_url, tokens, name, texts):
+    """Send `texts` on a text socket; returns (lines received on it, texts of a json socket's frames)."""
+    async with connect(ws_url(base_url, tokens["access_token"])) as text_socket, \
+            connect(ws_url(base_url, tokens["access_token"], format="json")) as json_socket:
+        for text in texts:
+            await text_socket.send(text)
+        lines = await receive(text_socket, len(texts))
+        frames = [json.loads(raw) for raw in await receive(json_socket, len(texts))]
+        return lines, [(frame["type"], frame["username"], frame["text"]) for frame in frames]
+
+
+@pytest.mark.parametrize("protocol", ["chat:ChatWebSocketProtocol", "websockets-sansio"])
+def test_frames_rendered_once_read_the_same_as_uvicorns_own(protocol):
+    """ChatWebSocketProtocol writes each message's frame as chat serialized it once; uvicorn's
+    stock protocol ignores that and frames the text itself. A client reads the same either way."""
+    with running_server(args=["--ws", protocol]) as (base_url, _):
+        with httpx.Client(base_url=base_url, timeout=10) as http:
+            name, tokens = register_and_login(http)
+        texts = frame_texts(name)
+        lines, frames = run(chat_both_formats(base_url, tokens, name, texts))
+    assert lines == [f"{name}: {text}" for text in texts]
+    assert frames == [("message", name, text) for text in texts]
+
+
+def test_the_in_process_test_client_gets_the_text_of_frames_rendered_once():
+    """Starlette's TestClient (no uvicorn at all) reads the text of the messages chat sends with
+    a pre-rendered frame, as any server that does not know the extra key would."""
+    from starlette.testclient import TestClient
+
+    with TestClient(chat.app) as client:
+        name, tokens = register_and_login(client)
+        with client.websocket_connect(f"/ws?token={tokens['access_token']}") as ws:
+            for text in frame_texts(name):
+                ws.send_text(text)
+                assert ws.receive_text() == f"{name}: {text}"
