@@ -1062,7 +1062,8 @@ class Client:
     """One open chat websocket: how it wants its frames, and what waits to go to it."""
 
     websocket: WebSocket
-    send: typing.Callable  # the socket's ASGI send (see sending)
+    send: typing.Callable  # the socket's ASGI send
+    write_frame: typing.Callable | None  # ChatWebSocketProtocol's shortcut, when served with it
     handler: asyncio.Task | None  # the task serving the socket, until its handler ends (see give_up)
     as_json: bool = False
     sent_through: int = 0  # its replay sent the messages up to this id
@@ -1136,9 +1137,12 @@ def send_now(client, item):
         client.backlog = collections.deque((item,))
         client.sending = asyncio.ensure_future(send_backlog(client))
         return
+    if (message := message_for(client, item)) is None:
+        return
     try:
-        coroutine = sending(client, item)
-        rest = coroutine and run_until_it_waits(coroutine)
+        if client.write_frame is not None and client.write_frame(message["chat.frame"]):
+            return
+        rest = run_until_it_waits(client.send(message))
     except Exception as error:
         client_gone(client, error)
         return
@@ -1147,16 +1151,14 @@ def send_now(client, item):
         client.sending = asyncio.ensure_future(send_backlog(client, rest))
 
 
-def sending(client, item):
-    """The coroutine that sends an item to a client, or None when its replay sent it already.
-    A frame goes straight to the socket's ASGI send, as one message built once for every client
-    (Starlette's send_text would build one per client, and check states that only a close changes)."""
-    if isinstance(item, int):
-        return client.websocket.close(item, CLOSE_REASONS.get(item))
+def message_for(client, item):
+    """The websocket.send message for a frame to a client, or None when its replay sent it
+    already. It goes straight to the socket's ASGI send, built once for every client (Starlette's
+    send_text would build one per client, and check states that only a close changes)."""
     if item["type"] == "presence":
-        return client.send(item["send_json"])
+        return item["send_json"]
     if item["id"] > client.sent_through:
-        return client.send(item["send_json"] if client.as_json else item["send_line"])
+        return item["send_json"] if client.as_json else item["send_line"]
     return None
 
 
@@ -1167,8 +1169,11 @@ async def send_backlog(client, rest=None):
         if rest is not None:
             await rest
         while client.backlog:
-            if (coroutine := sending(client, client.backlog.popleft())) is not None:
-                await coroutine
+            item = client.backlog.popleft()
+            if isinstance(item, int):
+                await client.websocket.close(item, CLOSE_REASONS.get(item))
+            elif (message := message_for(client, item)) is not None:
+                await client.send(message)
     except Exception as error:
         client_gone(client, error)
     finally:
@@ -1655,7 +1660,8 @@ def socket_closed(username):
 async def chat_socket(websocket, send):
     claims = socket_claims(websocket)
     options = socket_options(websocket)
-    client = Client(websocket, send, asyncio.current_task(), as_json=bool(options and options[0]))
+    write_frame = websocket.scope.get("extensions", {}).get("chat.write_frame")
+    client = Client(websocket, send, write_frame, asyncio.current_task(), as_json=bool(options and options[0]))
     if claims:
         clients[websocket] = client  # before the handshake: a connected client misses nothing
         if options and options[2]:
@@ -1834,23 +1840,25 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
 class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol, plus one shortcut; serve with
-    `--ws chat:ChatWebSocketProtocol`. A websocket.send message that carries its frame already
-    serialized (`chat.frame`: chat renders each message's frame once, for every client) is written
-    to the socket as it is, instead of being framed again for each client, which cost more than
-    the write itself (bench row 11). Anything else, and any socket not plainly open and keeping
-    up, takes uvicorn's own path; other servers ignore the extra key and send the text."""
+    `--ws chat:ChatWebSocketProtocol`. It offers the ASGI extension `chat.write_frame`: a plain
+    function that writes a frame chat serialized once for every client (`chat.frame` in its
+    messages) straight to the socket, if the socket is open and keeping up, and returns whether
+    it did. Framing the same text again for each client, and the coroutines of an ASGI send,
+    cost more than the write itself. When it returns False (or on any other server), chat sends
+    the message the ASGI way, and the server frames the text."""
 
-    async def send(self, message):
-        frame = message.get("chat.frame")
-        if frame is not None and self.writable.is_set() and self.can_take_frames():
-            self.transport.write(frame)
-        else:
-            await super().send(message)
+    def handle_connect(self, event):
+        super().handle_connect(event)
+        self.scope["extensions"]["chat.write_frame"] = self.write_frame
 
-    def can_take_frames(self):
+    def write_frame(self, frame):
         conn = self.conn
-        return (self.handshake_complete and not self.close_sent and not self.disconnected and self.initial_response is None
-                and conn.state is WebSocketState.OPEN and not conn.extensions and not conn.expect_continuation_frame)
+        if (self.writable.is_set() and self.handshake_complete and not self.close_sent and not self.disconnected
+                and self.initial_response is None and not self.transport.is_closing()
+                and conn.state is WebSocketState.OPEN and not conn.extensions and not conn.expect_continuation_frame):
+            self.transport.write(frame)
+            return True
+        return False
 
 
 def raise_open_file_limit():
