@@ -1245,25 +1245,24 @@ def give_up(client):
         client.handler.cancel()
 
 
-PUBLISH_LOCK = 4_711_002  # the PostgreSQL advisory lock every process holds from insert to publish
+PUBLISH_LOCK = 4_711_002  # the PostgreSQL advisory lock every process's batch is stored under
 
 
 @contextlib.asynccontextmanager
 async def messages_in_id_order():
-    """Held from storing a message to handing it on, so that messages leave in id order: this
-    process's lock and, when processes share PostgreSQL and Redis, one lock for them all.
-    Without it two processes' inserts can become visible, and be published, out of id order,
-    and an after= replay could then skip the lower id."""
+    """Held while a batch is stored, so that ids become visible in the order they are given:
+    when processes share PostgreSQL and Redis, a transaction-scoped lock for them all, so that a
+    batch is committed before the next one, of any process, gets its ids. Without it one
+    process's higher ids could be committed, and replayed with after=, before another's lower
+    ones, which that replay would then skip. Publishing comes after the lock: relays put
+    batches that arrive out of order back in order from the database (relay_from_redis)."""
     async with service["publish_lock"]:
         if USES_SQLITE or "redis" not in service:
             yield
             return
-        async with database.connection() as connection:
-            await connection.execute(f"SELECT pg_advisory_lock({PUBLISH_LOCK})")
-            try:
-                yield
-            finally:
-                await connection.execute(f"SELECT pg_advisory_unlock({PUBLISH_LOCK})")
+        async with database.transaction():
+            await database.execute(f"SELECT pg_advisory_xact_lock({PUBLISH_LOCK})")
+            yield
 
 
 # Derived from SECRET_KEY, so only processes that can sign tokens can publish on the channel.
@@ -1328,29 +1327,32 @@ async def store_in_batches(to_store):
 
 
 async def store_batch(batch):
+    """Store a batch, then hand it on: to this process's websockets, or with Redis to every
+    process's (this one's included) through the channel. One writer task calls it, so a
+    process hands its batches on in the order it stored them."""
     async with messages_in_id_order():
         stored_at = time.time()
         created_at = iso_utc(stored_at)
         ids = await insert_messages(batch, created_at)
-        MESSAGES_STORED.inc(len(ids))
-        STORE_BATCHES.inc()
-        messages = [chat_message(message_fields(id, username, text, created_at), stored_at)
-                    for id, (username, text) in zip(ids, batch)]
-        if service.get("publisher") is None:
-            for message in messages:
-                deliver(message)
-            return
-        payload = signed(json.dumps({"type": "messages", "messages": [message_fields_of(m) for m in messages]}))
+    MESSAGES_STORED.inc(len(ids))
+    STORE_BATCHES.inc()
+    messages = [chat_message(message_fields(id, username, text, created_at), stored_at)
+                for id, (username, text) in zip(ids, batch)]
+    if service.get("publisher") is None:
+        for message in messages:
+            deliver(message)
+        return
+    payload = signed(json.dumps({"type": "messages", "messages": [message_fields_of(m) for m in messages]}))
+    try:
         try:
-            try:
-                await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
-            except redis.ConnectionError:  # a connection from before a Redis restart fails once
-                await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
-        except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
-            log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
-                        "and the other processes fetch them", ids[0], ids[-1], error)
-            for message in messages:
-                deliver(message)
+            await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
+        except redis.ConnectionError:  # a connection from before a Redis restart fails once
+            await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
+    except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
+        log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
+                    "and the other processes fetch them", ids[0], ids[-1], error)
+        for message in messages:
+            deliver(message)
 
 
 def message_fields_of(message):

@@ -287,6 +287,35 @@ def test_two_processes_share_one_database_and_one_redis(shared_database, shared_
             assert all(frame in seen_on_a for frame in frames)  # same ids, names and texts as delivered
 
 
+def test_under_load_two_processes_deliver_every_message_once_in_id_order(shared_database, shared_redis):
+    """Many senders on two processes at once, without waiting for their echoes: batches of the
+    two processes interleave, and each publishes after its commit, so batches can reach the
+    channel out of id order. Every client must still get every message exactly once, in id
+    order, and the same ids as the history holds."""
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
+    with running_server(env) as (url_a, _), running_server(env) as (url_b, _):
+        with httpx.Client(base_url=url_a, timeout=10) as http:
+            users = [new_user(http) for _ in range(8)]
+            token = users[0][1]["access_token"]
+            start = latest_id(http, token)
+
+            async def scenario():
+                clients = [await Client.open(f"{name}@{'AB'[i % 2]}", (url_a, url_b)[i % 2], tokens["access_token"], start)
+                           for i, (name, tokens) in enumerate(users)]
+                await in_step(clients)
+                sent = [f"{client.name} load {n}" for client in clients for n in range(40)]
+                await asyncio.gather(*(client.ws.send(text) for text in sent for client in clients if text.startswith(client.name)))
+                await everyone_gets(clients, sent, seconds=30)
+                await asyncio.gather(*(client.close() for client in clients))
+                return clients
+
+            clients = run(scenario(), seconds=90)
+            stored = [message["id"] for message in history(http, token, start) if message["username"].startswith(USER_PREFIX)]
+        for client in clients:
+            ids = [message["id"] for message in client.frames]
+            assert ids == stored, f"{client.name}: got {len(ids)} ids, history holds {len(stored)}; out of order or missing"
+
+
 def worker_pids(port, clients):
     """The server processes that hold the connections of `clients` to `port`."""
     output = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
