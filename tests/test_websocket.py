@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import chat
-from conftest import ROOT, register_and_login, running_server, ws_url
+from conftest import ROOT, free_port, register_and_login, running_server, ws_url
 
 
 def run(coroutine):
@@ -397,3 +397,44 @@ def test_the_in_process_test_client_gets_the_text_of_frames_rendered_once():
             for text in frame_texts(name):
                 ws.send_text(text)
                 assert ws.receive_text() == f"{name}: {text}"
+
+
+SHORTCUT_PROBE = """
+import sys, uvicorn, chat
+
+async def app(scope, receive, send):
+    if scope["type"] != "websocket":
+        return
+    await receive()
+    await send({"type": "websocket.accept"})
+    write_frame = scope["extensions"].get("chat.write_frame")
+    written = write_frame is not None and write_frame(chat.text_frame("written by the shortcut")["chat.frame"])
+    await send({"type": "websocket.send", "text": f"shortcut {'taken' if written else 'missing'}"})
+    await receive()
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), ws=chat.ChatWebSocketProtocol, ws_per_message_deflate=False,
+            log_level="warning")
+"""
+
+
+def test_chat_websocket_protocol_offers_its_shortcut_and_writes_a_whole_frame():
+    """The shortcut rests on uvicorn's internals (pinned by requirements.lock): after an upgrade
+    that moves them, this fails instead of chat silently taking the slow path."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", SHORTCUT_PROBE, str(port)], cwd=ROOT, env=os.environ.copy())
+    try:
+        async def scenario():
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with connect(f"ws://127.0.0.1:{port}/", open_timeout=5) as ws:
+                        return await receive(ws, 2)
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
+        assert run(scenario()) == ["written by the shortcut", "shortcut taken"]
+    finally:
+        process.terminate()
+        process.wait(10)
