@@ -1094,9 +1094,13 @@ def chat_message(fields, stored_at=None):
     created_at unless the caller, which just stored it, knows it)."""
     if stored_at is None and fields["created_at"]:
         stored_at = datetime.datetime.fromisoformat(fields["created_at"].replace("Z", "+00:00")).timestamp()
-    line, as_json = f"{fields['username']}: {fields['text']}", json.dumps(fields)
-    return {**fields, "line": line, "json": as_json, "stored_at": stored_at,
-            "send_line": text_frame(line), "send_json": text_frame(as_json)}
+    return {**fields, "stored_at": stored_at, "send_line": text_frame(message_line(fields)),
+            "send_json": text_frame(json.dumps(fields))}
+
+
+def message_line(fields):
+    """A message in the text format."""
+    return f"{fields['username']}: {fields['text']}"
 
 
 def deliver(message):
@@ -1424,7 +1428,7 @@ def presence_event(username, online):
 
 
 def deliver_presence(event):
-    """Queue a join or leave for every local websocket that asked for presence."""
+    """Send a join or leave to every local websocket that asked for presence."""
     (known_online.add if event["online"] else known_online.discard)(event["username"])
     if "presence_changed" in service:  # a renewal is reconciling (with Redis): it must skip this user
         service["presence_changed"].add(event["username"])
@@ -1568,11 +1572,10 @@ async def replay(websocket, after, as_json):
     sent = 0
     while rows := await fetch_messages(500, after=after):
         for row in rows:
-            message = chat_message(row)
             if sent == REPLAY_LIMIT or websocket not in clients:  # too many, or closed meanwhile
                 return None
-            try:
-                await asyncio.wait_for(websocket.send_text(message["json"] if as_json else message["line"]), REPLAY_SEND_SECONDS)
+            try:  # only the one form this client reads: no frames rendered for everyone
+                await asyncio.wait_for(websocket.send_text(json.dumps(row) if as_json else message_line(row)), REPLAY_SEND_SECONDS)
             except asyncio.TimeoutError:
                 return None
             sent += 1
@@ -1662,7 +1665,7 @@ def socket_closed(username):
 async def chat_socket(websocket, send):
     claims = socket_claims(websocket)
     options = socket_options(websocket)
-    write_frame = websocket.scope.get("extensions", {}).get("chat.write_frame")
+    write_frame = (websocket.scope.get("extensions") or {}).get("chat.write_frame")
     client = Client(websocket, send, write_frame, asyncio.current_task(), as_json=bool(options and options[0]))
     if claims:
         clients[websocket] = client  # before the handshake: a connected client misses nothing
