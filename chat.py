@@ -14,6 +14,7 @@ import datetime
 import gc
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -1073,6 +1074,7 @@ class Client:
     sending: asyncio.Task | None = None  # the task sending the backlog, while there is one
     gave_up: bool = False
     expires_at: float = math.inf  # when its access token expires (see close_expired_sockets)
+    presence_from: int = 0  # with presence=1: it gets the joins and leaves numbered above this
 
 
 # Every open chat websocket of this process.
@@ -1111,7 +1113,11 @@ def deliver(message):
         recent_id_set.discard(recent_ids[0])
     recent_ids.append(message["id"])
     recent_id_set.add(message["id"])
-    send_to(list(clients.values()), message)
+    if pending_presence:
+        send_presence(message)
+        send_to([client for websocket, client in clients.items() if websocket not in presence_sockets], message)
+    else:
+        send_to(list(clients.values()), message)
     if message["stored_at"] is not None:
         DELIVERY_DELAY.observe(max(0.0, time.time() - message["stored_at"]))
 
@@ -1119,16 +1125,17 @@ def deliver(message):
 def send_to(targets, frame):
     """Send a frame to each client at once, or queue it behind what the client has not taken
     yet; a client too far behind is closed instead."""
+    parts = frame["items"] if frame["type"] == "bundle" else (frame,)
     sent = 0
     for client in targets:
         if client.backlog is None:
             send_now(client, frame)
         elif len(client.backlog) < OUTBOX_LIMIT:
-            client.backlog.append(frame)
+            client.backlog.extend(parts)
         else:
             close_client(client.websocket, CLOSE_TOO_SLOW)
             continue
-        sent += 1
+        sent += len(parts)
     FRAMES_DELIVERED.inc(sent)
 
 
@@ -1140,6 +1147,9 @@ def send_now(client, item):
     if isinstance(item, int):
         client.backlog = collections.deque((item,))
         client.sending = asyncio.ensure_future(send_backlog(client))
+        return
+    if item["type"] == "bundle":
+        send_bundle(client, item)
         return
     if (message := message_for(client, item)) is None:
         return
@@ -1153,6 +1163,19 @@ def send_now(client, item):
     if rest is not None:
         client.backlog = collections.deque()
         client.sending = asyncio.ensure_future(send_backlog(client, rest))
+
+
+def send_bundle(client, bundle):
+    """Send a bundle's frames in one write when it can go whole, else one by one."""
+    last_id = bundle["items"][-1].get("id")
+    if (client.write_frame is not None and (last_id is None or last_id > client.sent_through)
+            and client.write_frame(bundle["chat.frame"])):
+        return
+    for part in bundle["items"]:
+        if client.backlog is None:
+            send_now(client, part)
+        else:
+            client.backlog.append(part)
 
 
 def message_for(client, item):
@@ -1420,6 +1443,14 @@ sockets_per_user = collections.Counter()
 presence_sockets = set()  # the websockets that asked for presence=1
 known_online = set()  # who this process last knew to be online anywhere
 
+# A join or leave waits up to PRESENCE_DELAY seconds for a message, and goes out in the same
+# write: a frame on its own costs a socket write per subscriber, as a message does, and on a
+# busy server a second fan-out in the way of every message. Each is numbered, so that a socket
+# gets only those that happened after it subscribed.
+PRESENCE_DELAY = 0.1
+pending_presence = []
+presence_numbers = itertools.count(1)
+
 
 def presence_event(username, online):
     fields = {"type": "presence", "username": username, "online": online}
@@ -1427,12 +1458,38 @@ def presence_event(username, online):
     return {**fields, "json": as_json, "send_json": text_frame(as_json)}
 
 
+def subscribe_to_presence(client):
+    presence_sockets.add(client.websocket)
+    client.presence_from = next(presence_numbers)
+
+
 def deliver_presence(event):
-    """Send a join or leave to every local websocket that asked for presence."""
+    """Send a join or leave to every local websocket that asked for presence, with the next
+    message or PRESENCE_DELAY from now, whichever comes first."""
     (known_online.add if event["online"] else known_online.discard)(event["username"])
     if "presence_changed" in service:  # a renewal is reconciling (with Redis): it must skip this user
         service["presence_changed"].add(event["username"])
-    send_to([clients[websocket] for websocket in presence_sockets if websocket in clients], event)
+    if not pending_presence:
+        service["presence_timer"] = asyncio.get_running_loop().call_later(PRESENCE_DELAY, send_presence)
+    pending_presence.append({**event, "number": next(presence_numbers)})
+
+
+def send_presence(message=None):
+    """Send the waiting joins and leaves, and `message` after them in the same write, to every
+    local websocket that asked for presence."""
+    events = pending_presence[:]
+    pending_presence.clear()
+    if (timer := service.pop("presence_timer", None)) is not None:
+        timer.cancel()
+    items = events + [message] if message else events
+    bundle = {"type": "bundle", "items": items, "chat.frame": b"".join(item["send_json"]["chat.frame"] for item in items)}
+    targets = [clients[websocket] for websocket in presence_sockets if websocket in clients]
+    send_to([client for client in targets if client.presence_from < events[0]["number"]], bundle)
+    for client in targets:
+        if client.presence_from >= events[0]["number"]:  # subscribed while they waited
+            for item in items:
+                if item["type"] != "presence" or item["number"] > client.presence_from:
+                    send_to([client], item)
 
 
 # With Redis, each process keeps a hash of its users' socket counts, which expires unless the
@@ -1670,7 +1727,7 @@ async def chat_socket(websocket, send):
     if claims:
         clients[websocket] = client  # before the handshake: a connected client misses nothing
         if options and options[2]:
-            presence_sockets.add(websocket)  # nor a join or leave, whatever GET /auth/online answers
+            subscribe_to_presence(client)  # nor a join or leave, whatever GET /auth/online answers
     username = None  # once the socket counts as open
     try:
         # Accept before judging the token: a close before accept reaches the client as HTTP 403.
@@ -1890,6 +1947,7 @@ async def set_up_service():
     recent_id_set.clear()
     known_online.clear()
     presence_in_redis.clear()
+    pending_presence.clear()
     await database.connect()
     if USES_SQLITE:
         connection = database.connection()

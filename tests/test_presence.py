@@ -97,6 +97,37 @@ def test_quick_opens_and_closes_give_alternating_joins_and_leaves(server):
     run(scenario())
 
 
+async def frames_until(ws, text):
+    """The (username, online) of each presence frame a socket receives before the message `text`."""
+    frames = []
+    while (frame := json.loads(await asyncio.wait_for(ws.recv(), 5))).get("text") != text:
+        frames.append((frame["username"], frame["online"]))
+    return frames
+
+
+def test_a_join_goes_before_the_next_message_and_only_to_sockets_that_were_listening(server):
+    """A join or leave may wait a moment for the next message, to go out in the same write: it
+    still comes before that message, and a socket that subscribed while it waited never gets it."""
+    with httpx.Client(base_url=server) as http:
+        _, watcher_tokens = register_and_login(http)
+        bob, bob_tokens = register_and_login(http)
+        _, late_tokens = register_and_login(http)
+
+    async def scenario():
+        async with watch(server, watcher_tokens) as watcher:
+            await presence_frames(watcher, 0.3)  # its own join
+            async with connect(ws_url(server, bob_tokens["access_token"])) as bob_socket:
+                while bob not in {row["username"] for row in online(server, watcher_tokens)}:
+                    await asyncio.sleep(0.005)
+                async with watch(server, late_tokens) as late_socket:  # bob's join may still be waiting
+                    text = secrets.token_hex(4)
+                    await bob_socket.send(text)
+                    assert (bob, True) in await frames_until(watcher, text)
+                    assert (bob, True) not in await frames_until(late_socket, text)
+
+    run(scenario())
+
+
 def test_online_is_sorted_by_username_and_needs_a_token(server):
     with httpx.Client(base_url=server) as http:
         users = [register_and_login(http, "z" + secrets.token_hex(3)), register_and_login(http, "A" + secrets.token_hex(3))]
