@@ -52,6 +52,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -327,7 +328,10 @@ class WS(asyncio.Protocol):
             self.closed.set_result(self.close_code if self.close_code is not None else 1006)
 
     def data_received(self, data):
-        now = CLOCK()
+        self.feed(data, CLOCK())
+
+    def feed(self, data, now):
+        """What the server sent, read at `now`."""
         buf = self.buf
         buf += data
         if not self.open:
@@ -411,12 +415,85 @@ async def ws_connect(port, path, handler=None, rcvbuf=None, timeout=15, extensio
     return ws
 
 
-async def ws_connect_many(port, path, count, handler=None, concurrency=64, timeout=60, extensions=None):
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's number, which Python does not name
+
+
+class SocketWriter:
+    """The transport of a websocket that ws_connect_stamped reads itself (only what WS uses)."""
+
+    def __init__(self, sock, loop):
+        self.sock, self.loop = sock, loop
+
+    def write(self, data):
+        with contextlib.suppress(OSError):
+            self.sock.sendall(data)  # a client's frames here are a few bytes: they never block
+
+    def is_closing(self):
+        return self.sock.fileno() < 0
+
+    def close(self):
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock)
+            self.sock.close()
+
+    abort = close
+
+
+def kernel_time(ancillary):
+    """When the kernel received what recvmsg read (SO_TIMESTAMPNS), on CLOCK; now when it did not say."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return seconds * 1_000_000_000 + nanoseconds - time.time_ns() + CLOCK()
+    return CLOCK()
+
+
+async def ws_connect_stamped(port, path, handler=None, timeout=15, extensions=None):
+    """ws_connect, but frames are timed by when the kernel received them, not when this process
+    got round to reading them: with hundreds of sockets in one process, the last one read waits
+    for the handlers of all the others, so more frames to each (presence frames, say) would
+    delay the time stamps of the load generator's own reading, which is not the server's doing."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    ws = WS(handshake_request(port, path, extensions), handler)
+    transport = SocketWriter(sock, loop)
+
+    def readable():
+        try:
+            data, ancillary, _, _ = sock.recvmsg(262_144, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            ws.feed(data, kernel_time(ancillary))
+        else:
+            transport.close()
+            ws.connection_lost(None)
+
+    loop.add_reader(sock, readable)
+    ws.connection_made(transport)
+    try:
+        await asyncio.wait_for(ws.handshake, timeout)
+    except BaseException:
+        transport.close()
+        raise
+    return ws
+
+
+async def ws_connect_many(port, path, count, handler=None, concurrency=64, timeout=60, extensions=None, connect=ws_connect):
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one():
         async with semaphore:
-            return await ws_connect(port, path, handler, extensions=extensions)
+            return await connect(port, path, handler, extensions=extensions)
 
     tasks = [asyncio.ensure_future(one()) for _ in range(count)]
     try:
@@ -735,19 +812,22 @@ def count_arrival(ws, seq):
 
 
 JSON_TEXT = b'"text": "'  # chat's format=json frames come from json.dumps: ", " and ": " separators
+PRESENCE_START = b'{"type": "presence"'  # and its presence frames start with their type
 
 
 def json_latency_handler(latencies, presence):
     """latency_handler for format=json frames ({"id", "username", "text", "created_at", "type"}): the
-    text is found without parsing the JSON. Presence frames are not timed: they are counted by
-    their bytes in `presence`, a Counter (presence_counts() reads it), so that the load generator
-    spends no more on one than the server does."""
+    text is found without parsing the JSON. Presence frames (and anything else) are not timed but
+    kept in the list `presence` as they came, for presence_counts() after the round: the load
+    generator's time on each frame delays the time stamps of the sockets it reads next, so it
+    spends on them as little as it can."""
     append = latencies.append
+    keep = presence.append
 
     def handler(ws, payload, now):
-        start = payload.find(JSON_TEXT)
-        if start < 0 or b'"type": "presence"' in payload:
-            presence[bytes(payload)] += 1
+        start = -1 if payload.startswith(PRESENCE_START) else payload.find(JSON_TEXT)
+        if start < 0:
+            keep(payload)
             return
         start += len(JSON_TEXT)
         seq, sent = payload[start : payload.find(b'"', start)].split(b" ", 2)[:2]  # the text: seq, send time
@@ -759,14 +839,13 @@ def json_latency_handler(latencies, presence):
 
 
 def presence_counts(frames):
-    """json_latency_handler's count of frames by their bytes as a Counter of (username, online) for
-    the presence frames among them."""
+    """A Counter of (username, online) for the presence frames that json_latency_handler kept."""
     counts = collections.Counter()
-    for payload, n in frames.items():
+    for payload in frames:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             frame = json.loads(payload)
             if frame["type"] == "presence":
-                counts[frame["username"], frame["online"]] += n
+                counts[frame["username"], frame["online"]] += 1
     return counts
 
 
@@ -794,14 +873,14 @@ def loss_counts(connections, expected_each):
     return lost, ooo, dups
 
 
-async def fanout_run(server, path, clients, rate, duration, make_handler=latency_handler, during=None):
+async def fanout_run(server, path, clients, rate, duration, make_handler=latency_handler, during=None, connect=ws_connect):
     """`clients` websockets on `path`, one of them sending `rate` msg/s for `duration` s. `make_handler`
     makes the frame handler from the latency list; `during(stop)`, when given, runs while the messages
     are sent (stopped when the last one is sent) and its result is the run's "during"."""
     latencies = []
     handler = make_handler(latencies)
     t = time.perf_counter()
-    connections = await ws_connect_many(server.port, path, clients, handler)
+    connections = await ws_connect_many(server.port, path, clients, handler, connect=connect)
     connect_s = time.perf_counter() - t
     background = None
     try:
@@ -1668,29 +1747,41 @@ async def presence_churn(port, path, period, stop):
 async def scenario_presence(bench):
     """Scenario 1's fan-out on one server, its clients all on format=json&presence=1 (so every join and
     leave is a frame to each of them), without and with one more user whose only socket opens and
-    closes every 100 ms. The rounds alternate off, on, on, off, as in the limits row. Then the same
+    closes every 100 ms, from a process of its own: in the process of the 500 clients, its opens and
+    closes would hold up their reading, which is not the server's cost. The rounds alternate off, on, on, off, on, off, off, on, so that a drift in the
+    machine's speed weighs on both alike (a round's p99 varies by 10-20% on this VM). Then the same
     with clients on format=json alone: what presence itself costs (a join and a leave tracked, a
     socket opened and closed) apart from the frames that subscribers asked for."""
     q = bench.quick
-    clients, rate, duration, period = (500, 20, 3, 0.1) if q else (500, 20, 6, 0.1)
+    clients, rate, duration, period = (500, 20, 3, 0.1) if q else (500, 20, 4, 0.1)
     chat = await bench.start_chat(name="chat-presence")
     _, token = await bench.user_token(chat.port)
     churner, churn_token = await bench.user_token(chat.port)
     path = f"/ws?token={token}&format=json&presence=1"
     churn_path = f"/ws?token={churn_token}&format=json&presence=1"  # as the web page connects
-    order = ("off", "on", "on", "off", "plain off", "plain on", "plain on", "plain off")
+    config = {"port": chat.port, "path": churn_path, "count": 0, "concurrency": 1}
+    churn_worker = LoadWorker(bench.procs.start("churn", [sys.executable, str(Path(__file__).resolve()), "--load-worker",
+                                                     json.dumps(config)], pipes=True))
+    await churn_worker.open()
+    await churn_worker.read(30)  # ready
+
+    async def during(stop):
+        await churn_worker.ask(f"churn {period}")
+        await stop.wait()
+        return await churn_worker.ask("stop churn")
+
+    rounds = ("off", "on", "on", "off") if q else ("off", "on", "on", "off", "on", "off", "off", "on")
+    order = rounds + tuple(f"plain {key}" for key in rounds)
     runs = {key: [] for key in order}
     for key in order:
-        presence = collections.Counter()
+        presence = []
 
         def make_handler(latencies, presence=presence):
             return json_latency_handler(latencies, presence)
 
-        def during(stop):
-            return presence_churn(chat.port, churn_path, period, stop)
-
         run = await fanout_run(chat, path.removesuffix("&presence=1") if key.startswith("plain") else path,
-                               clients, rate, duration, make_handler, during if key.endswith("on") else None)
+                               clients, rate, duration, make_handler, during if key.endswith("on") else None,
+                               connect=ws_connect_stamped)
         presence = presence_counts(presence)
         run["joins"], run["leaves"] = presence[churner, True], presence[churner, False]
         run["presence_frames"] = sum(presence.values())
@@ -1698,6 +1789,8 @@ async def scenario_presence(bench):
         await asyncio.sleep(0.5)  # the server is done closing this round's sockets
     status, body = await http_request(chat.port, "GET", "/auth/online", headers=[("Authorization", f"Bearer {token}")])
     online_after = json.loads(body) if status == 200 else f"HTTP {status}"
+    churn_worker.close()
+    bench.procs.stop(churn_worker.process)
     await bench.stop(chat)
 
     def pooled(key):
@@ -1718,7 +1811,7 @@ async def scenario_presence(bench):
     ratio, plain_ratio = on["p99"] / off["p99"], plain_on["p99"] / plain_off["p99"]
     name = (f"10 presence churn: fan-out as in 1 ({clients} clients on format=json&presence=1, {rate} msg/s for "
             f"{duration} s), without and with a user of their own joining and leaving every {period * 1000:.0f} ms; "
-            "one server, 2 rounds each, off/on/on/off; then the same with clients on format=json alone")
+            f"one server, {len(rounds) // 2} rounds each, {'/'.join(rounds)}; then the same with clients on format=json alone")
     t = bench.table
     t.add(name, "fan-out p99, no churn (ms)", off["p99"],
           note=f"rounds {off['rounds']} ms; p50 {off['p50']:.1f} ms, max {off['max']:.1f} ms; {off['cpu']}")
@@ -1768,7 +1861,9 @@ def run_load_worker(config):
 async def load_worker(config):
     """Opens `count` websockets to `port` + `path` when told to, and reports what they received:
     one command a line on stdin (connect, reset, count, report, close), one JSON line on stdout
-    each. Latencies use the monotonic clock (system-wide), which the sending bench stamped."""
+    each. Latencies use the monotonic clock (system-wide), which the sending bench stamped.
+    The presence row's churning user is one too: `churn <period>` starts presence_churn on
+    `path`, `stop churn` stops it and reports."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -1812,6 +1907,13 @@ async def load_worker(config):
                 emit({"got": got[0], "closed": sum(1 for ws in connections if ws.closed.done()),
                       "hist": {str(k): v for k, v in hist.items()}, "max": max(latencies, default=0), "last": last[0],
                       "ooo": sum(ws.ooo for ws in connections), "dups": sum(ws.dups for ws in connections)})
+            elif command.startswith("churn "):
+                stop_churn = asyncio.Event()
+                churning = asyncio.ensure_future(presence_churn(config["port"], config["path"], float(command.split()[1]), stop_churn))
+                emit({"event": "churning"})
+            elif command == "stop churn":
+                stop_churn.set()
+                emit(await churning)
             elif command == "close":
                 close_all(connections)
                 connections = []
