@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import secrets
 import shutil
@@ -1708,14 +1709,17 @@ async def scenario_protocol(bench):
 
 async def presence_churn(port, path, period, stop):
     """Until `stop` is set: every `period` s a websocket of a user of its own opens (that user's join)
-    and closes half a period later (their leave). Slots it fell behind on are skipped, not caught up."""
+    and closes half a period later (their leave). Slots it fell behind on are skipped, not caught up.
+    Each open comes at a random moment in the first half of its slot: on the exact beat, with the
+    fan-out sending every 50 ms from the same start, every join and leave fell on a message, each
+    time, which no real client's timing does."""
     cycles = failed = skipped = 0
     start = time.perf_counter()
     slot = 0
     ws = None
     try:
         while not stop.is_set():
-            at = start + slot * period
+            at = start + slot * period + random.uniform(0, period / 2)
             delay = at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
