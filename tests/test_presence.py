@@ -7,9 +7,11 @@ import secrets
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+import chat
 from conftest import REDIS_URL, register_and_login, running_server, ws_url
 
 
@@ -126,6 +128,21 @@ def test_a_join_goes_before_the_next_message_and_only_to_sockets_that_were_liste
                     assert (bob, True) not in await frames_until(late_socket, text)
 
     run(scenario())
+
+
+def test_joins_waiting_for_a_message_go_before_it_without_the_shortcut_too():
+    """Starlette's TestClient has no chat.write_frame: a join that waited for a message goes out
+    as a frame of its own through the socket's ASGI send, still before that message."""
+    with TestClient(chat.app) as client:
+        alice, alice_tokens = register_and_login(client)
+        bob, bob_tokens = register_and_login(client)
+        with client.websocket_connect(f"/ws?token={alice_tokens['access_token']}&format=json&presence=1") as watcher:
+            assert watcher.receive_json() == {"type": "presence", "username": alice, "online": True}
+            with client.websocket_connect(f"/ws?token={bob_tokens['access_token']}") as bob_socket:
+                bob_socket.send_text("hello")
+                assert watcher.receive_json() == {"type": "presence", "username": bob, "online": True}
+                assert (watcher.receive_json()["text"], bob_socket.receive_text()) == ("hello", f"{bob}: hello")
+            assert watcher.receive_json() == {"type": "presence", "username": bob, "online": False}
 
 
 def test_online_is_sorted_by_username_and_needs_a_token(server):
