@@ -1165,11 +1165,20 @@ def send_now(client, item):
         client.sending = asyncio.ensure_future(send_backlog(client, rest))
 
 
+def frame_bundle(items):
+    """Frames for format=json clients (presence, then maybe a message) to go out in one write."""
+    return {"type": "bundle", "items": items, "last_id": items[-1].get("id", math.inf),
+            "chat.frame": b"".join(item["send_json"]["chat.frame"] for item in items)}
+
+
 def send_bundle(client, bundle):
     """Send a bundle's frames in one write when it can go whole, else one by one."""
-    last_id = bundle["items"][-1].get("id")
-    if (client.write_frame is not None and (last_id is None or last_id > client.sent_through)
-            and client.write_frame(bundle["chat.frame"])):
+    try:
+        if (client.write_frame is not None and bundle["last_id"] > client.sent_through
+                and client.write_frame(bundle["chat.frame"])):
+            return
+    except Exception as error:
+        client_gone(client, error)
         return
     for part in bundle["items"]:
         if client.backlog is None:
@@ -1477,19 +1486,23 @@ def deliver_presence(event):
 def send_presence(message=None):
     """Send the waiting joins and leaves, and `message` after them in the same write, to every
     local websocket that asked for presence."""
+    cancel_presence_timer()
+    if not pending_presence:
+        return
     events = pending_presence[:]
     pending_presence.clear()
+    items = events + [message] if message else events
+    targets = [clients[websocket] for websocket in presence_sockets if websocket in clients]
+    send_to([client for client in targets if client.presence_from < events[0]["number"]], frame_bundle(items))
+    for client in targets:
+        if client.presence_from >= events[0]["number"]:  # subscribed while they waited: only what came after
+            if wanted := [item for item in items if item.get("number", math.inf) > client.presence_from]:
+                send_to([client], frame_bundle(wanted))
+
+
+def cancel_presence_timer():
     if (timer := service.pop("presence_timer", None)) is not None:
         timer.cancel()
-    items = events + [message] if message else events
-    bundle = {"type": "bundle", "items": items, "chat.frame": b"".join(item["send_json"]["chat.frame"] for item in items)}
-    targets = [clients[websocket] for websocket in presence_sockets if websocket in clients]
-    send_to([client for client in targets if client.presence_from < events[0]["number"]], bundle)
-    for client in targets:
-        if client.presence_from >= events[0]["number"]:  # subscribed while they waited
-            for item in items:
-                if item["type"] != "presence" or item["number"] > client.presence_from:
-                    send_to([client], item)
 
 
 # With Redis, each process keeps a hash of its users' socket counts, which expires unless the
@@ -2049,6 +2062,7 @@ async def stop_service():
         await connection.__aexit__(None, None, None)
     if database.is_connected:
         await database.disconnect()
+    cancel_presence_timer()
     service.clear()
 
 

@@ -145,6 +145,26 @@ def test_joins_waiting_for_a_message_go_before_it_without_the_shortcut_too():
             assert watcher.receive_json() == {"type": "presence", "username": bob, "online": False}
 
 
+def test_a_second_tab_that_opens_while_a_join_waits_gets_only_what_comes_after():
+    """A socket that subscribes while a join waits (here a second tab, which is no join itself)
+    has nothing of that batch to get: the batch goes to the first tab alone."""
+    with TestClient(chat.app) as client:
+        alice, alice_tokens = register_and_login(client)
+        carol, carol_tokens = register_and_login(client)
+        watch_path = f"/ws?token={alice_tokens['access_token']}&format=json&presence=1"
+        with client.websocket_connect(watch_path) as first_tab:
+            assert first_tab.receive_json() == {"type": "presence", "username": alice, "online": True}
+            with client.websocket_connect(f"/ws?token={carol_tokens['access_token']}") as carol_socket:
+                bearer = {"Authorization": f"Bearer {alice_tokens['access_token']}"}
+                while carol not in {row["username"] for row in client.get("/auth/online", headers=bearer).json()}:
+                    pass  # until her join has happened; it waits (up to 0.1 s) for a message
+                with client.websocket_connect(watch_path) as second_tab:
+                    assert first_tab.receive_json() == {"type": "presence", "username": carol, "online": True}
+                    carol_socket.send_text("after the join")
+                    assert first_tab.receive_json()["text"] == "after the join"
+                    assert second_tab.receive_json()["text"] == "after the join"
+
+
 def test_online_is_sorted_by_username_and_needs_a_token(server):
     with httpx.Client(base_url=server) as http:
         users = [register_and_login(http, "z" + secrets.token_hex(3)), register_and_login(http, "A" + secrets.token_hex(3))]
