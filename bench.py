@@ -27,7 +27,8 @@ that the on server's /metrics counted the messages it stored.
 The "protocol" scenario serves the history and login loads with --http chat:BoundedHttpProtocol
 (shipped), httptools (stock) and h11 side by side, to price the bounded request heads.
 "presence" prices presence frames: the fan-out of row 1 on format=json&presence=1 with and without
-a user joining and leaving every 100 ms. "sockets" opens 10,000 websockets (2,000 with --quick) and
+a user joining and leaving every 100 ms (from a load-worker process of its own); its clients are
+timed by the kernel's receive time (SO_TIMESTAMPNS), not by when this process read each frame. "sockets" opens 10,000 websockets (2,000 with --quick) and
 steps the broadcast rate up until p99 passes 250 ms. "idle" also prices permessage-deflate, which
 browsers offer and uvicorn accepts unless told not to (chat is served with
 --ws-per-message-deflate false, so it declines).
@@ -2272,7 +2273,7 @@ def machine_lines(bench):
         f"event loop {'uvloop' if uvloop else 'asyncio'} (client and both servers); temp DB on {fs}",
         "client: one process, lean hand-rolled websocket protocol; latency = receive time - send time "
         "stamped in the text by the same process (the sockets row: two load-generator processes, "
-        "the same monotonic clock)",
+        "the same monotonic clock; the presence row: the kernel's receive time, SO_TIMESTAMPNS)",
         "limits against abuse are off in every row except the limits row "
         f"({', '.join(f'{k}={v}' for k, v in LIMITS_OFF.items())}; row 8 sets MESSAGE_LIMIT={HIGH_MESSAGE_LIMIT!r}); "
         "metrics are on (METRICS=on, the default) in every row; row 12 also runs a server with METRICS=off",
