@@ -28,10 +28,10 @@ The "protocol" scenario serves the history and login loads with --http chat:Boun
 (shipped), httptools (stock) and h11 side by side, to price the bounded request heads.
 "presence" prices presence frames: the fan-out of row 1 on format=json&presence=1 with and without
 a user joining and leaving every 100 ms (from a load-worker process of its own); its clients are
-timed by the kernel's receive time (SO_TIMESTAMPNS), not by when this process read each frame. "sockets" opens 10,000 websockets (2,000 with --quick) and
-steps the broadcast rate up until p99 passes 250 ms. "idle" also prices permessage-deflate, which
-browsers offer and uvicorn accepts unless told not to (chat is served with
---ws-per-message-deflate false, so it declines).
+timed by the kernel's receive time (SO_TIMESTAMPNS), not by when this process read each frame.
+"sockets" opens 10,000 websockets (2,000 with --quick) and steps the broadcast rate up until p99
+passes 250 ms. "idle" also prices permessage-deflate, which browsers offer and uvicorn accepts
+unless told not to (chat is served with --ws-per-message-deflate false, so it declines).
 
 Every server, database and temp directory this script creates is removed on exit, errors
 included (servers are stopped by PID and also get SIGTERM if this process dies).
@@ -1753,8 +1753,9 @@ async def scenario_presence(bench):
     """Scenario 1's fan-out on one server, its clients all on format=json&presence=1 (so every join and
     leave is a frame to each of them), without and with one more user whose only socket opens and
     closes every 100 ms, from a process of its own: in the process of the 500 clients, its opens and
-    closes would hold up their reading, which is not the server's cost. The rounds alternate off, on, on, off, on, off, off, on, so that a drift in the
-    machine's speed weighs on both alike (a round's p99 varies by 10-20% on this VM). Then the same
+    closes would hold up their reading, which is not the server's cost. The rounds alternate off,
+    on, on, off, on, off, off, on, so that a drift in the machine's speed weighs on both alike (a
+    round's p99 varies by 10-20% on this VM). Then the same
     with clients on format=json alone: what presence itself costs (a join and a leave tracked, a
     socket opened and closed) apart from the frames that subscribers asked for."""
     q = bench.quick

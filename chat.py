@@ -1489,15 +1489,18 @@ def send_presence(message=None):
     cancel_presence_timer()
     if not pending_presence:
         return
-    events = pending_presence[:]
+    first = pending_presence[0]["number"]
+    items = pending_presence + [message] if message else pending_presence[:]
     pending_presence.clear()
-    items = events + [message] if message else events
-    targets = [clients[websocket] for websocket in presence_sockets if websocket in clients]
-    send_to([client for client in targets if client.presence_from < events[0]["number"]], frame_bundle(items))
-    for client in targets:
-        if client.presence_from >= events[0]["number"]:  # subscribed while they waited: only what came after
-            if wanted := [item for item in items if item.get("number", math.inf) > client.presence_from]:
-                send_to([client], frame_bundle(wanted))
+    listening = []  # since before the first of them: they all get the one bundle
+    for websocket in presence_sockets:
+        if (client := clients.get(websocket)) is None:
+            continue
+        if client.presence_from < first:
+            listening.append(client)
+        elif wanted := [item for item in items if item.get("number", math.inf) > client.presence_from]:
+            send_to([client], frame_bundle(wanted))  # subscribed while they waited: what came after
+    send_to(listening, frame_bundle(items))
 
 
 def cancel_presence_timer():
