@@ -1074,7 +1074,7 @@ class Client:
     sending: asyncio.Task | None = None  # the task sending the backlog, while there is one
     gave_up: bool = False
     expires_at: float = math.inf  # when its access token expires (see close_expired_sockets)
-    presence_from: int = 0  # with presence=1: it gets the joins and leaves numbered above this
+    presence_from: int | None = None  # with presence=1: it gets the joins and leaves numbered above this
 
 
 # Every open chat websocket of this process.
@@ -1115,21 +1115,26 @@ def deliver(message):
     recent_id_set.add(message["id"])
     if pending_presence:
         send_presence(message)
-        send_to([client for websocket, client in clients.items() if websocket not in presence_sockets], message)
     else:
         send_to(list(clients.values()), message)
     if message["stored_at"] is not None:
         DELIVERY_DELAY.observe(max(0.0, time.time() - message["stored_at"]))
 
 
-def send_to(targets, frame):
+def send_to(targets, frame, presence=None):
     """Send a frame to each client at once, or queue it behind what the client has not taken
-    yet; a client too far behind is closed instead."""
-    parts = frame["items"] if frame["type"] == "bundle" else (frame,)
+    yet; a client too far behind is closed instead. Clients that asked for presence get the
+    bundle `presence` instead (joins and leaves, then the frame, if any: see send_presence)."""
     sent = 0
     for client in targets:
+        item = frame
+        if presence is not None and client.presence_from is not None:
+            item = presence if client.presence_from < presence["first"] else presence_after(client, presence)
+        if item is None:
+            continue
+        parts = item["items"] if item["type"] == "bundle" else (item,)
         if client.backlog is None:
-            send_now(client, frame)
+            send_now(client, item)
         elif len(client.backlog) < OUTBOX_LIMIT:
             client.backlog.extend(parts)
         else:
@@ -1167,7 +1172,7 @@ def send_now(client, item):
 
 def frame_bundle(items):
     """Frames for format=json clients (presence, then maybe a message) to go out in one write."""
-    return {"type": "bundle", "items": items, "last_id": items[-1].get("id", math.inf),
+    return {"type": "bundle", "items": items, "first": items[0].get("number"), "last_id": items[-1].get("id", math.inf),
             "chat.frame": b"".join(item["send_json"]["chat.frame"] for item in items)}
 
 
@@ -1449,7 +1454,6 @@ async def catch_up(last_id, before=None):
 
 # Open websockets per user in this process (for MAX_SOCKETS_PER_USER, and presence).
 sockets_per_user = collections.Counter()
-presence_sockets = set()  # the websockets that asked for presence=1
 known_online = set()  # who this process last knew to be online anywhere
 
 # A join or leave waits up to PRESENCE_DELAY seconds for a message, and goes out in the same
@@ -1468,7 +1472,6 @@ def presence_event(username, online):
 
 
 def subscribe_to_presence(client):
-    presence_sockets.add(client.websocket)
     client.presence_from = next(presence_numbers)
 
 
@@ -1485,22 +1488,21 @@ def deliver_presence(event):
 
 def send_presence(message=None):
     """Send the waiting joins and leaves, and `message` after them in the same write, to every
-    local websocket that asked for presence."""
+    local websocket that asked for presence (and `message` alone to the others). One pass over
+    the clients, deciding as it sends: on a busy server the clients' objects are rarely in the
+    CPU's caches, and a pass to sort them first costs each delivery 0.1-0.4 ms (500 clients)."""
     cancel_presence_timer()
     if not pending_presence:
         return
-    first = pending_presence[0]["number"]
-    items = pending_presence + [message] if message else pending_presence[:]
+    bundle = frame_bundle(pending_presence + [message] if message else pending_presence[:])
     pending_presence.clear()
-    listening = []  # since before the first of them: they all get the one bundle
-    for websocket in presence_sockets:
-        if (client := clients.get(websocket)) is None:
-            continue
-        if client.presence_from < first:
-            listening.append(client)
-        elif wanted := [item for item in items if item.get("number", math.inf) > client.presence_from]:
-            send_to([client], frame_bundle(wanted))  # subscribed while they waited: what came after
-    send_to(listening, frame_bundle(items))
+    send_to(list(clients.values()), message, bundle)
+
+
+def presence_after(client, bundle):
+    """For a socket that subscribed while a bundle's joins and leaves waited: what came after."""
+    wanted = [item for item in bundle["items"] if item.get("number", math.inf) > client.presence_from]
+    return frame_bundle(wanted) if wanted else None
 
 
 def cancel_presence_timer():
@@ -1792,7 +1794,6 @@ async def chat_socket(websocket, send):
         client.handler = None
         client.backlog = None
         clients.pop(websocket, None)
-        presence_sockets.discard(websocket)
         if client.sending is not None:
             client.sending.cancel()
         if username is not None:
