@@ -1490,7 +1490,7 @@ def send_presence(message=None):
     """Send the waiting joins and leaves, and `message` after them in the same write, to every
     local websocket that asked for presence (and `message` alone to the others). One pass over
     the clients, deciding as it sends: on a busy server the clients' objects are rarely in the
-    CPU's caches, and a pass to sort them first costs each delivery 0.1-0.4 ms (500 clients)."""
+    CPU's caches, and a pass to sort them first cost each delivery 0.4-0.5 ms (500 clients)."""
     cancel_presence_timer()
     if not pending_presence:
         return
