@@ -484,11 +484,26 @@ if not USES_SQLITE:
         SELECT value ->> 0, value ->> 1, CAST(:created_at AS TEXT)
         FROM json_array_elements(CAST(:rows AS json)) WITH ORDINALITY ORDER BY ordinality RETURNING id"""
 
+# When processes share PostgreSQL and Redis, each INSERT first takes one advisory lock for them
+# all, held until it is committed, so that a batch is committed before the next one, of any
+# process, gets its ids. Without it one process's higher ids could be committed, and replayed
+# with after=, before another's lower ones, which that replay would then skip. The INSERT is a
+# transaction of its own: the lock is held for the INSERT and its commit, no round trip more.
+# (Publishing comes after it: relays put batches that arrive out of order back in order.)
+PUBLISH_LOCK = 4_711_002
+INSERT_MESSAGES_IN_TURN = f"""
+    WITH turn AS (SELECT pg_advisory_xact_lock({PUBLISH_LOCK}))
+    INSERT INTO messages (username, text, created_at)
+    SELECT value ->> 0, value ->> 1, CAST(:created_at AS TEXT)
+    FROM json_array_elements(CAST(:rows AS json)) WITH ORDINALITY CROSS JOIN turn ORDER BY ordinality RETURNING id"""
+
 
 async def insert_messages(messages, created_at):
     """Store (username, text) pairs in one statement; returns their ids, in the pairs' order."""
     rows = json.dumps(messages, ensure_ascii=False)
-    found = await db().fetch_all(INSERT_MESSAGES, {"rows": rows, "created_at": created_at})
+    in_turn = not USES_SQLITE and "redis" in service
+    found = await db().fetch_all(INSERT_MESSAGES_IN_TURN if in_turn else INSERT_MESSAGES,
+                                 {"rows": rows, "created_at": created_at})
     # The rows get ascending ids in the order they are inserted; RETURNING itself promises no order.
     return sorted(row["id"] for row in found)
 
@@ -1286,26 +1301,6 @@ def give_up(client):
         client.handler.cancel()
 
 
-PUBLISH_LOCK = 4_711_002  # the PostgreSQL advisory lock every process's batch is stored under
-
-
-@contextlib.asynccontextmanager
-async def messages_in_id_order():
-    """Held while a batch is stored, so that ids become visible in the order they are given:
-    when processes share PostgreSQL and Redis, a transaction-scoped lock for them all, so that a
-    batch is committed before the next one, of any process, gets its ids. Without it one
-    process's higher ids could be committed, and replayed with after=, before another's lower
-    ones, which that replay would then skip. Publishing comes after the lock: relays put
-    batches that arrive out of order back in order from the database (relay_from_redis)."""
-    async with service["publish_lock"]:
-        if USES_SQLITE or "redis" not in service:
-            yield
-            return
-        async with database.transaction():
-            await database.execute(f"SELECT pg_advisory_xact_lock({PUBLISH_LOCK})")
-            yield
-
-
 # Derived from SECRET_KEY, so only processes that can sign tokens can publish on the channel.
 CHANNEL_KEY = hmac.new(SECRET_KEY.encode(), b"chat broadcast channel", hashlib.sha256).digest()
 
@@ -1371,10 +1366,9 @@ async def store_batch(batch):
     """Store a batch, then hand it on: to this process's websockets, or with Redis to every
     process's (this one's included) through the channel. One writer task calls it, so a
     process hands its batches on in the order it stored them."""
-    async with messages_in_id_order():
-        stored_at = time.time()
-        created_at = iso_utc(stored_at)
-        ids = await insert_messages(batch, created_at)
+    stored_at = time.time()
+    created_at = iso_utc(stored_at)
+    ids = await insert_messages(batch, created_at)
     MESSAGES_STORED.inc(len(ids))
     STORE_BATCHES.inc()
     messages = [chat_message(message_fields(id, username, text, created_at), stored_at)
@@ -1973,7 +1967,6 @@ async def set_up_service():
         # WAL with synchronous=NORMAL: still crash-safe, without an fsync per message.
         await connection.execute("PRAGMA synchronous=NORMAL")
     await apply_schema()
-    service["publish_lock"] = asyncio.Lock()
     service["presence_lock"] = asyncio.Lock()
     service["to_store"] = asyncio.Queue()
     service["writer"] = asyncio.create_task(store_in_batches(service["to_store"]))

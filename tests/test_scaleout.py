@@ -316,6 +316,37 @@ def test_under_load_two_processes_deliver_every_message_once_in_id_order(shared_
             assert ids == stored, f"{client.name}: got {len(ids)} ids, history holds {len(stored)}; out of order or missing"
 
 
+def test_a_process_stores_only_in_its_turn_under_the_shared_lock(shared_database, shared_redis):
+    """Every process's INSERT takes one PostgreSQL advisory lock first, so ids become visible in
+    the order they are given. While someone else holds that lock, a message is neither stored
+    nor delivered; once it is let go, it is both."""
+    import asyncpg
+
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
+    with running_server(env) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
+        name, tokens = new_user(http)
+        token = tokens["access_token"]
+        start = latest_id(http, token)
+
+        async def scenario():
+            client = await Client.open(name, url, token, start)
+            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
+            try:
+                await holder.execute("SELECT pg_advisory_lock(4711002)")  # chat.PUBLISH_LOCK
+                await client.ws.send("waits its turn")
+                await asyncio.sleep(1.5)
+                assert client.texts() == []
+                assert await asyncio.to_thread(history, http, token, start) == []
+                await holder.execute("SELECT pg_advisory_unlock(4711002)")
+                await client.wait_for(["waits its turn"])
+            finally:
+                await holder.close()
+                await client.close()
+
+        run(scenario())
+        assert [message["text"] for message in history(http, token, start)] == ["waits its turn"]
+
+
 def worker_pids(port, clients):
     """The server processes that hold the connections of `clients` to `port`."""
     output = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
