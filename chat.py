@@ -1638,6 +1638,9 @@ async def replay(websocket, after, as_json):
     """Send the stored messages newer than `after`; returns the last id sent. Returns None for a
     client to close as too far behind: one that takes more than REPLAY_SEND_SECONDS to take a frame,
     or that asked for more than REPLAY_LIMIT messages (it reconnects with after=, or pages)."""
+    # An `after` beyond the newest id counts from another database (one since reset, say): from
+    # the newest, or the live messages, whose ids are lower, would all be taken as sent already.
+    after = min(after, await db().fetch_val("SELECT coalesce(max(id), 0) FROM messages"))
     sent = 0
     while rows := await fetch_messages(500, after=after):
         for row in rows:

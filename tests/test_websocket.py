@@ -186,6 +186,22 @@ def test_after_replays_history_then_continues_live_without_gap_or_duplicate(serv
     run(scenario())
 
 
+def test_after_beyond_the_newest_id_still_gets_live_messages(server, http, alice):
+    """A client that counts from another database (one since reset, say) asks for after= an id
+    this one has not reached: it gets the messages sent from then on, not silence until the ids
+    catch up with its count."""
+
+    async def scenario():
+        newest = history(http, alice[1], limit=1)
+        beyond = (newest[-1]["id"] if newest else 0) + 1000
+        async with connect(ws_url(server, alice[1]["access_token"], format="json", after=beyond)) as ws:
+            await ws.send("after a reset")
+            message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert message["text"] == "after a reset" and message["id"] < beyond
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("query", [{"format": "xml"}, {"after": "abc"}, {"after": "-1"}])
 def test_bad_websocket_query_values_are_closed_with_1008(server, alice, query):
     async def scenario():
