@@ -23,6 +23,8 @@ import os
 import re
 import secrets
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -1090,6 +1092,7 @@ class Client:
     gave_up: bool = False
     expires_at: float = math.inf  # when its access token expires (see close_expired_sockets)
     presence_from: int | None = None  # with presence=1: it gets the joins and leaves numbered above this
+    abort: typing.Callable | None = None  # ChatWebSocketProtocol's: resets the connection (see give_up)
 
 
 # Every open chat websocket of this process.
@@ -1294,6 +1297,11 @@ def close_client(websocket, code):
 
 
 def give_up(client):
+    """A client that has not taken its close CLOSE_SECONDS after it was asked for has stopped
+    reading: its handler ends, and (served with ChatWebSocketProtocol) its connection is reset,
+    since closing it would wait for ever for what is queued to be sent."""
+    if client.abort is not None:
+        client.abort()
     if client.sending is not None:
         client.sending.cancel()
     if client.handler is not None and not client.handler.done():
@@ -1737,8 +1745,9 @@ def socket_closed(username):
 async def chat_socket(websocket, send):
     claims = socket_claims(websocket)
     options = socket_options(websocket)
-    write_frame = (websocket.scope.get("extensions") or {}).get("chat.write_frame")
-    client = Client(websocket, send, write_frame, asyncio.current_task(), as_json=bool(options and options[0]))
+    extensions = websocket.scope.get("extensions") or {}
+    client = Client(websocket, send, extensions.get("chat.write_frame"), asyncio.current_task(),
+                    as_json=bool(options and options[0]), abort=extensions.get("chat.abort"))
     if claims:
         clients[websocket] = client  # before the handshake: a connected client misses nothing
         if options and options[2]:
@@ -1921,11 +1930,13 @@ class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
     messages) straight to the socket, if the socket is open and keeping up, and returns whether
     it did. Framing the same text again for each client, and the coroutines of an ASGI send,
     cost more than the write itself. When it returns False (or on any other server), chat sends
-    the message the ASGI way, and the server frames the text."""
+    the message the ASGI way, and the server frames the text. It also offers `chat.abort`, which
+    resets the connection of a client that stopped reading (give_up)."""
 
     def handle_connect(self, event):
         super().handle_connect(event)
         self.scope["extensions"]["chat.write_frame"] = self.write_frame
+        self.scope["extensions"]["chat.abort"] = self.abort
 
     def write_frame(self, frame):
         conn = self.conn
@@ -1935,6 +1946,13 @@ class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(frame)
             return True
         return False
+
+    def abort(self):
+        """Reset the connection (RST): what is queued is dropped, in the kernel's buffers too, which
+        a close would keep trying to send to a client that stopped reading."""
+        with contextlib.suppress(OSError, AttributeError):  # closed already, or no socket
+            self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
 
 def raise_open_file_limit():

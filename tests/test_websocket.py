@@ -233,8 +233,11 @@ def read_close_code(sock, seconds=30):
     """Drain a raw websocket; returns the code of the close frame the server sent at the end."""
     sock.settimeout(seconds)
     data = b""
-    while chunk := sock.recv(1 << 20):
-        data += chunk
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except ConnectionResetError:  # this client never answers the close: CLOSE_SECONDS later, a reset
+        pass
     # Walk the unmasked server frames to the last one: opcode 8 is close.
     position, code = 0, None
     while position + 2 <= len(data):
@@ -270,14 +273,46 @@ def test_a_stalled_client_is_closed_with_1013_while_others_receive_everything(un
                 for n in range(count):
                     await ws.send(f"{n} {text}")
 
+            async def close_code_once_closed():
+                # It reads as soon as the server says it closed a client as too slow: a client
+                # that does not take its close within CLOSE_SECONDS is reset instead.
+                async with httpx.AsyncClient(base_url=server) as http:
+                    while "chat_clients_closed_too_slow_total 1.0" not in (await http.get("/metrics")).text:
+                        await asyncio.sleep(0.1)
+                return await asyncio.to_thread(read_close_code, sock)
+
             sender = asyncio.create_task(send_all())
+            code = asyncio.create_task(close_code_once_closed())
             received = await receive(ws, count, seconds=30)
             await sender
             assert received == [f"{alice[0]}: {n} {text}" for n in range(count)]
+            assert await code == chat.CLOSE_TOO_SLOW
 
     run(scenario())
-    assert read_close_code(sock) == chat.CLOSE_TOO_SLOW
     sock.close()
+
+
+def test_a_client_that_never_takes_its_close_has_its_connection_reset(unpinged_server):
+    """A stalled client is closed with 1013, but the close waits behind megabytes it does not
+    read. CLOSE_SECONDS later the server lets it go: the connection is reset, not kept open
+    (with its buffers and a file descriptor) for as long as the client likes."""
+    server, text = unpinged_server, "s" * 900
+    with httpx.Client(base_url=server) as http:
+        alice, bob = register_and_login(http), register_and_login(http)
+    sock = stalled_client(server, bob[1]["access_token"])
+
+    async def scenario():
+        async with connect(ws_url(server, alice[1]["access_token"]), max_queue=None) as ws:
+            for n in range(6000):
+                await ws.send(f"{n} {text}")
+            await asyncio.sleep(chat.CLOSE_SECONDS + 3)
+
+    run(scenario())
+    # Without reading: the server's close would have to come after all it queued, so a
+    # connection that is no longer established was reset.
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    sock.close()
+    assert state != 1, "the connection is still established (TCP_ESTABLISHED)"
 
 
 def test_dead_peers_are_found_by_pings(alice):
