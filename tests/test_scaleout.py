@@ -25,6 +25,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+import chat
 from conftest import (
     POSTGRES_ADMIN_URL, TMP, free_port, postgres_admin, register_and_login, running_server,
     server_log, stop_process, unavailable, ws_url,
@@ -332,19 +333,24 @@ def test_a_process_stores_only_in_its_turn_under_the_shared_lock(shared_database
             client = await Client.open(name, url, token, start)
             holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
             try:
-                await holder.execute("SELECT pg_advisory_lock(4711002)")  # chat.PUBLISH_LOCK
+                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
                 await client.ws.send("waits its turn")
                 await asyncio.sleep(1.5)
                 assert client.texts() == []
                 assert await asyncio.to_thread(history, http, token, start) == []
-                await holder.execute("SELECT pg_advisory_unlock(4711002)")
+                # An id given out now is lower than the waiting message's: it takes its id in its turn.
+                taken_meanwhile = await holder.fetchval("SELECT nextval('messages_id_seq')")
+                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
                 await client.wait_for(["waits its turn"])
             finally:
                 await holder.close()
                 await client.close()
+            return taken_meanwhile
 
-        run(scenario())
-        assert [message["text"] for message in history(http, token, start)] == ["waits its turn"]
+        taken_meanwhile = run(scenario())
+        stored = history(http, token, start)
+        assert [message["text"] for message in stored] == ["waits its turn"]
+        assert stored[0]["id"] > taken_meanwhile
 
 
 def worker_pids(port, clients):
