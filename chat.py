@@ -1300,13 +1300,13 @@ def give_up(client):
     """A client that has not taken its close CLOSE_SECONDS after it was asked for has stopped
     reading: its handler ends, and (served with ChatWebSocketProtocol) its connection is reset,
     since closing it would wait for ever for what is queued to be sent."""
-    if client.abort is not None:
-        client.abort()
     if client.sending is not None:
         client.sending.cancel()
     if client.handler is not None and not client.handler.done():
         client.gave_up = True
         client.handler.cancel()
+    if client.abort is not None:
+        client.abort()
 
 
 # Derived from SECRET_KEY, so only processes that can sign tokens can publish on the channel.
@@ -1948,10 +1948,14 @@ class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
         return False
 
     def abort(self):
-        """Reset the connection (RST): what is queued is dropped, in the kernel's buffers too, which
-        a close would keep trying to send to a client that stopped reading."""
-        with contextlib.suppress(OSError, AttributeError):  # closed already, or no socket
-            self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        """Reset the connection (RST), unless it is closed already: what is queued is dropped, in
+        the kernel's buffers too, which a close would keep trying to send to a client that stopped
+        reading."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or sock.fileno() < 0:
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
 

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import chat
-from conftest import ROOT, free_port, register_and_login, running_server, ws_url
+from conftest import ROOT, free_port, register_and_login, running_server, server_log, ws_url
 
 
 def run(coroutine):
@@ -313,6 +313,22 @@ def test_a_client_that_never_takes_its_close_has_its_connection_reset(unpinged_s
     state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     sock.close()
     assert state != 1, "the connection is still established (TCP_ESTABLISHED)"
+
+
+def test_a_client_that_took_its_close_leaves_nothing_to_reset():
+    """CLOSE_SECONDS after a close, the server checks whether the client took it: for one that
+    did, whose connection is gone, that check does nothing, and says nothing in the log."""
+    with running_server() as (base_url, process), httpx.Client(base_url=base_url) as http:
+        _, tokens = register_and_login(http)
+
+        async def scenario():
+            async with connect(ws_url(base_url, tokens["access_token"])) as ws:
+                await ws.send("x" * 1001)
+                assert await close_code(ws) == 1009
+            await asyncio.sleep(chat.CLOSE_SECONDS + 1)
+
+        run(scenario())
+        assert "Traceback" not in server_log(process), server_log(process)
 
 
 def test_dead_peers_are_found_by_pings(alice):
