@@ -229,6 +229,13 @@ def stalled_client(base_url, token):
     return sock
 
 
+async def closed_as_too_slow(server):
+    """Until the server has closed a client as too far behind (its /metrics counts it)."""
+    async with httpx.AsyncClient(base_url=server) as http:
+        while "chat_clients_closed_too_slow_total 1.0" not in (await http.get("/metrics")).text:
+            await asyncio.sleep(0.1)
+
+
 def read_close_code(sock, seconds=30):
     """Drain a raw websocket; returns the code of the close frame the server sent at the end."""
     sock.settimeout(seconds)
@@ -274,11 +281,9 @@ def test_a_stalled_client_is_closed_with_1013_while_others_receive_everything(un
                     await ws.send(f"{n} {text}")
 
             async def close_code_once_closed():
-                # It reads as soon as the server says it closed a client as too slow: a client
-                # that does not take its close within CLOSE_SECONDS is reset instead.
-                async with httpx.AsyncClient(base_url=server) as http:
-                    while "chat_clients_closed_too_slow_total 1.0" not in (await http.get("/metrics")).text:
-                        await asyncio.sleep(0.1)
+                # It reads as soon as the server has closed it: a client that does not take its
+                # close within CLOSE_SECONDS is reset instead.
+                await closed_as_too_slow(server)
                 return await asyncio.to_thread(read_close_code, sock)
 
             sender = asyncio.create_task(send_all())
@@ -305,12 +310,15 @@ def test_a_client_that_never_takes_its_close_has_its_connection_reset(unpinged_s
         async with connect(ws_url(server, alice[1]["access_token"]), max_queue=None) as ws:
             for n in range(6000):
                 await ws.send(f"{n} {text}")
-            await asyncio.sleep(chat.CLOSE_SECONDS + 3)
+            await closed_as_too_slow(server)
+        # Without reading: the server's close would have to come after all it queued, so a
+        # connection that is no longer established was reset.
+        deadline = time.monotonic() + chat.CLOSE_SECONDS + 5
+        while (state := sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]) == 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return state
 
-    run(scenario())
-    # Without reading: the server's close would have to come after all it queued, so a
-    # connection that is no longer established was reset.
-    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    state = run(scenario())
     sock.close()
     assert state != 1, "the connection is still established (TCP_ESTABLISHED)"
 
