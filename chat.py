@@ -1353,38 +1353,51 @@ async def store_and_publish(username, text):
 
 
 async def store_in_batches(to_store):
-    """The one writer of messages: each round takes everything waiting, up to STORE_BATCH."""
-    while True:
-        batch = [await to_store.get()]
-        while len(batch) < STORE_BATCH and not to_store.empty():
-            batch.append(to_store.get_nowait())
-        try:
-            await store_batch([(username, text) for username, text, _ in batch])
-        except Exception as error:
-            for _, _, stored in batch:
-                if not stored.done():
-                    stored.set_exception(error)
-        else:
+    """The one writer of messages: each round takes everything waiting, up to STORE_BATCH. With
+    Redis, a batch is stored while the one before is being published, so that neither round
+    trip leaves the process idle; the batches are still published in the order they were stored."""
+    publishing = None
+    try:
+        while True:
+            batch = [await to_store.get()]
+            while len(batch) < STORE_BATCH and not to_store.empty():
+                batch.append(to_store.get_nowait())
+            try:
+                messages = await store_batch([(username, text) for username, text, _ in batch])
+            except Exception as error:
+                for _, _, stored in batch:
+                    if not stored.done():
+                        stored.set_exception(error)
+                continue
             for _, _, stored in batch:
                 if not stored.done():
                     stored.set_result(None)
+            if service.get("publisher") is None:
+                for message in messages:
+                    deliver(message)
+            else:
+                if publishing is not None:
+                    await asyncio.wait([publishing])
+                publishing = asyncio.create_task(publish(messages))
+    finally:
+        if publishing is not None:
+            publishing.cancel()
 
 
 async def store_batch(batch):
-    """Store a batch, then hand it on: to this process's websockets, or with Redis to every
-    process's (this one's included) through the channel. One writer task calls it, so a
-    process hands its batches on in the order it stored them."""
+    """Store a batch of (username, text); returns its messages, in id order."""
     stored_at = time.time()
     created_at = iso_utc(stored_at)
     ids = await insert_messages(batch, created_at)
     MESSAGES_STORED.inc(len(ids))
     STORE_BATCHES.inc()
-    messages = [chat_message(message_fields(id, username, text, created_at), stored_at)
-                for id, (username, text) in zip(ids, batch)]
-    if service.get("publisher") is None:
-        for message in messages:
-            deliver(message)
-        return
+    return [chat_message(message_fields(id, username, text, created_at), stored_at)
+            for id, (username, text) in zip(ids, batch)]
+
+
+async def publish(messages):
+    """Hand a stored batch to every process's websockets (this one's included) through the
+    channel; if Redis will not take it, deliver it here (the other processes fetch it)."""
     payload = signed(json.dumps({"type": "messages", "messages": [message_fields_of(m) for m in messages]}))
     try:
         try:
@@ -1393,7 +1406,7 @@ async def store_batch(batch):
             await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
     except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
         log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
-                    "and the other processes fetch them", ids[0], ids[-1], error)
+                    "and the other processes fetch them", messages[0]["id"], messages[-1]["id"], error)
         for message in messages:
             deliver(message)
 

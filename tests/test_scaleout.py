@@ -19,6 +19,7 @@ import re
 import secrets
 import subprocess
 import time
+import urllib.parse
 
 import httpx
 import pytest
@@ -351,6 +352,62 @@ def test_a_process_stores_only_in_its_turn_under_the_shared_lock(shared_database
         stored = history(http, token, start)
         assert [message["text"] for message in stored] == ["waits its turn"]
         assert stored[0]["id"] > taken_meanwhile
+
+
+async def holding_proxy(port, redis_port, release):
+    """A TCP proxy on `port` to the Redis on `redis_port` that holds each PUBLISH until `release` is set."""
+
+    async def forward(source, sink, hold):
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                if hold and b"PUBLISH" in data:
+                    await release.wait()
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+    async def handle(reader, writer):
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", redis_port)
+        await asyncio.gather(forward(reader, upstream_writer, True), forward(upstream_reader, writer, False))
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+def test_a_batch_is_stored_while_the_one_before_is_being_published(shared_database, shared_redis):
+    """The writer stores the next batch without waiting for the last one's publish (which only
+    orders the publishes): while Redis holds the first message's PUBLISH, a second message from
+    the same socket is stored; once the publish goes through, both arrive, in order."""
+    proxy_port = free_port()
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL,
+           "CHAT_TEST_PUBLISH_URL": f"redis://127.0.0.1:{proxy_port}/0"}
+    with running_server(env) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
+        name, tokens = new_user(http)
+        token = tokens["access_token"]
+        start = latest_id(http, token)
+
+        async def scenario():
+            release = asyncio.Event()
+            proxy = await holding_proxy(proxy_port, urllib.parse.urlsplit(shared_redis).port, release)
+            client = await Client.open(name, url, token, start)
+            try:
+                await client.ws.send("first")
+                await client.ws.send("second")
+                deadline = time.monotonic() + 1.5  # the publish gives up after 2 s
+                while len(stored := await asyncio.to_thread(history, http, token, start)) < 2:
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.05)
+                assert [message["text"] for message in stored] == ["first", "second"]
+                assert client.texts() == []  # the first PUBLISH is still held
+                release.set()
+                await client.wait_for(["first", "second"])
+                assert client.texts() == ["first", "second"]
+            finally:
+                release.set()
+                await client.close()
+                proxy.close()
+
+        run(scenario())
 
 
 def worker_pids(port, clients):
