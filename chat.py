@@ -1416,13 +1416,18 @@ def message_fields_of(message):
 
 
 GAP_CHECK_SECONDS = 2  # a relay that hears nothing for this long asks the database what it missed
+# Processes publish after they commit, so the batches of two processes can reach Redis in the
+# other order than their ids. A relay holds a batch heard after a gap in the ids for up to
+# REORDER_SECONDS, for the missing one to come; only then does it ask the database.
+REORDER_SECONDS = 0.05
 
 
 async def relay_from_redis(redis_client, last_id, subscribed):
     """Deliver what every process publishes to this process's websockets, in id order, and
-    what no one published: a jump in the ids heard, or a quiet spell, makes the relay fetch
-    the missing messages from the database (a process that could not publish delivered them
-    only to its own clients). deliver() skips what it has delivered already."""
+    what no one published: a gap in the ids that does not fill within REORDER_SECONDS, or a
+    quiet spell, makes the relay fetch the missing messages from the database (a process that
+    could not publish delivered them only to its own clients). deliver() skips what it has
+    delivered already."""
     lost = False
     while True:
         try:
@@ -1433,20 +1438,24 @@ async def relay_from_redis(redis_client, last_id, subscribed):
                     log.warning("reconnected to Redis; delivering messages stored meanwhile")
                     lost = False
                 last_id = await catch_up(last_id)
+                held, held_until = [], 0  # batches heard after a gap, in id order
                 while True:
-                    item = await pubsub.get_message(timeout=GAP_CHECK_SECONDS)
+                    wait = max(0, held_until - time.monotonic()) if held else GAP_CHECK_SECONDS
+                    item = await pubsub.get_message(timeout=wait)
                     event = verified_event(item["data"]) if item and item["type"] == "message" else None
-                    if event is None:
-                        last_id = await catch_up(last_id)
-                    elif event["type"] == "presence":
+                    if event is not None and event["type"] == "presence":
                         deliver_presence(event)
-                    else:
-                        if event["messages"][0]["id"] > last_id + 1:  # a gap: ids no one published
-                            last_id = await catch_up(last_id, before=event["messages"][0]["id"])
-                        for message in event["messages"]:
-                            if message["id"] > last_id:  # older ones came already, or by a catch-up
-                                deliver(message)
-                                last_id = message["id"]
+                    elif event is not None:
+                        if not held:
+                            held_until = time.monotonic() + REORDER_SECONDS
+                        held.append(event["messages"])
+                        held.sort(key=lambda messages: messages[0]["id"])
+                        last_id = deliver_in_turn(held, last_id)
+                    if event is None or held and time.monotonic() >= held_until:
+                        # A quiet spell, or a gap that did not fill: the database has what is missing
+                        # (and what is held: a process publishes only what it has committed).
+                        last_id = await catch_up(last_id, before=held[-1][-1]["id"] + 1 if held else None)
+                        held.clear()
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -1454,6 +1463,17 @@ async def relay_from_redis(redis_client, last_id, subscribed):
                 log.warning("lost the connection to Redis (%s); retrying every second", error)
             lost = True
             await asyncio.sleep(1)
+
+
+def deliver_in_turn(held, last_id):
+    """Deliver the held batches that come next in id order (older messages came already, or by
+    a catch-up); returns the last id delivered."""
+    while held and held[0][0]["id"] <= last_id + 1:
+        for message in held.pop(0):
+            if message["id"] > last_id:
+                deliver(message)
+                last_id = message["id"]
+    return last_id
 
 
 async def catch_up(last_id, before=None):

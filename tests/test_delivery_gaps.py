@@ -54,3 +54,38 @@ def test_messages_a_process_could_not_publish_reach_the_other_processes_in_order
 
         asyncio.run(scenario())
         assert "could not publish messages" in server_log(cut_off_process)
+
+
+def test_batches_that_reach_redis_out_of_order_are_delivered_in_id_order():
+    """Processes publish after they commit, so two batches can reach Redis in the other order
+    than their ids. A relay holds the later one for the earlier to come (up to
+    chat.REORDER_SECONDS), instead of asking the database at once, which has nothing yet
+    between them and would have let the earlier one be skipped when it came."""
+    import redis
+
+    import chat
+
+    channel = "chat-test-" + secrets.token_hex(4)
+    with running_server(env={"BROADCAST_URL": REDIS_URL, "BROADCAST_CHANNEL": channel}) as (url, _):
+        with httpx.Client(base_url=url) as http:
+            name, tokens = register_and_login(http)
+
+        def batch(id, text):
+            fields = {"id": id, "username": name, "text": text, "created_at": "2026-01-01T00:00:00Z", "type": "message"}
+            return chat.signed(json.dumps({"type": "messages", "messages": [fields]}))
+
+        async def scenario():
+            async with connect(ws_url(url, tokens["access_token"], format="json")) as ws:
+                await ws.send("stored")
+                last = (await receive_texts(ws, 1, 10))[0]["id"]
+                publisher = redis.Redis.from_url(REDIS_URL)
+                try:  # what a relay hears: the later batch first, then (within milliseconds) the earlier one
+                    assert publisher.publish(channel, batch(last + 2, "published second")) == 1
+                    assert publisher.publish(channel, batch(last + 1, "published first")) == 1
+                finally:
+                    publisher.close()
+                heard = await receive_texts(ws, 2, 10)
+                assert [(frame["id"], frame["text"]) for frame in heard] == [
+                    (last + 1, "published first"), (last + 2, "published second")]
+
+        asyncio.run(scenario())
