@@ -335,8 +335,15 @@ DELIVERY_DELAY = metric(Histogram, "chat_delivery_delay_seconds",
 # ---------------------------------------------------------------- SQL access
 
 def new_database():
-    # Python's sqlite3 waits this long for a lock (its busy timeout) instead of failing at once.
-    return databases.Database(DATABASE_URL, **({"timeout": 5.0} if USES_SQLITE else {}))
+    if USES_SQLITE:  # Python's sqlite3 waits this long for a lock (its busy timeout) instead of failing at once
+        return databases.Database(DATABASE_URL, timeout=5.0)
+    return databases.Database(DATABASE_URL, reset=keep_session)
+
+
+async def keep_session(connection):
+    """asyncpg's pool would send RESET ALL, UNLISTEN * and the like each time a connection goes
+    back (a round trip per query): chat keeps no state in a session, its advisory locks are per
+    transaction, and the pool still rolls back a transaction left open."""
 
 
 database = new_database()
