@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import hashlib
 import hmac
@@ -1130,20 +1131,27 @@ def message_line(fields):
     return f"{fields['username']}: {fields['text']}"
 
 
-def deliver(message):
-    """Send a stored message to every local websocket. Never waits on any of them."""
-    if message["id"] in recent_id_set:
+def deliver(messages):
+    """Send stored messages (in id order) to every local websocket, those stored together in one
+    write to each: a write is most of what a delivery costs. Never waits on any of them."""
+    messages = [message for message in messages if message["id"] not in recent_id_set]
+    if not messages:
         return
-    if len(recent_ids) == recent_ids.maxlen:
-        recent_id_set.discard(recent_ids[0])
-    recent_ids.append(message["id"])
-    recent_id_set.add(message["id"])
-    if pending_presence:
-        send_presence(message)
-    else:
-        send_to(list(clients.values()), message)
-    if message["stored_at"] is not None:
-        DELIVERY_DELAY.observe(max(0.0, time.time() - message["stored_at"]))
+    for message in messages:
+        if len(recent_ids) == recent_ids.maxlen:
+            recent_id_set.discard(recent_ids[0])
+        recent_ids.append(message["id"])
+        recent_id_set.add(message["id"])
+    rest = messages
+    if pending_presence:  # joins and leaves go out with the first
+        send_presence(messages[0])
+        rest = messages[1:]
+    if rest:
+        send_to(list(clients.values()), rest[0] if len(rest) == 1 else frame_bundle(rest))
+    now = time.time()
+    for message in messages:
+        if message["stored_at"] is not None:
+            DELIVERY_DELAY.observe(max(0.0, now - message["stored_at"]))
 
 
 def send_to(targets, frame, presence=None):
@@ -1196,16 +1204,19 @@ def send_now(client, item):
 
 
 def frame_bundle(items):
-    """Frames for format=json clients (presence, then maybe a message) to go out in one write."""
-    return {"type": "bundle", "items": items, "first": items[0].get("number"), "last_id": items[-1].get("id", math.inf),
-            "chat.frame": b"".join(item["send_json"]["chat.frame"] for item in items)}
+    """Frames to go out in one write: messages stored together, or joins and leaves then maybe a
+    message (for format=json clients only: presence has no text format)."""
+    ids = [item["id"] for item in items if item["type"] == "message"]
+    return {"type": "bundle", "items": items, "first": items[0].get("number"), "first_id": ids[0] if ids else math.inf,
+            "json": b"".join(item["send_json"]["chat.frame"] for item in items),
+            "line": b"".join(item["send_line"]["chat.frame"] for item in items) if len(ids) == len(items) else None}
 
 
 def send_bundle(client, bundle):
     """Send a bundle's frames in one write when it can go whole, else one by one."""
     try:
-        if (client.write_frame is not None and bundle["last_id"] > client.sent_through
-                and client.write_frame(bundle["chat.frame"])):
+        if (client.write_frame is not None and bundle["first_id"] > client.sent_through
+                and client.write_frame(bundle["json"] if client.as_json else bundle["line"])):
             return
     except Exception as error:
         client_gone(client, error)
@@ -1352,11 +1363,25 @@ def verified_event(data):
 STORE_BATCH = 250  # messages in one INSERT (3 parameters each; SQLite allows 32,766)
 
 
-async def store_and_publish(username, text):
-    """Store a message and hand it on; returns once it is stored."""
+# A socket is read on while its messages wait to be stored, up to this many: waiting for each
+# would let a client that sends fast store one message per INSERT.
+UNSTORED_PER_SOCKET = 16
+
+
+def store_soon(websocket, username, text):
+    """Queue a message to be stored and handed on; returns a future done once it is stored. A
+    socket whose message could not be stored is closed with 1011."""
     stored = asyncio.get_running_loop().create_future()
+    stored.add_done_callback(functools.partial(close_if_not_stored, websocket, username))
     service["to_store"].put_nowait((username, text, stored))
-    await stored
+    return stored
+
+
+def close_if_not_stored(websocket, username, stored):
+    if not stored.cancelled() and (error := stored.exception()) is not None:
+        log_now_and_then("store", logging.ERROR, "could not store a message from %r (its websocket gets 1011): %s",
+                         username, error or type(error).__name__)
+        close_client(websocket, 1011)
 
 
 async def store_in_batches(to_store):
@@ -1380,8 +1405,7 @@ async def store_in_batches(to_store):
                 if not stored.done():
                     stored.set_result(None)
             if service.get("publisher") is None:
-                for message in messages:
-                    deliver(message)
+                deliver(messages)
             else:
                 if publishing is not None:
                     await asyncio.wait([publishing])
@@ -1414,8 +1438,7 @@ async def publish(messages):
     except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
         log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
                     "and the other processes fetch them", messages[0]["id"], messages[-1]["id"], error)
-        for message in messages:
-            deliver(message)
+        deliver(messages)
 
 
 def message_fields_of(message):
@@ -1448,17 +1471,17 @@ async def relay_from_redis(redis_client, last_id, subscribed):
                 held, held_until = [], 0  # batches heard after a gap, in id order
                 while True:
                     wait = max(0, held_until - time.monotonic()) if held else GAP_CHECK_SECONDS
-                    item = await pubsub.get_message(timeout=wait)
-                    event = verified_event(item["data"]) if item and item["type"] == "message" else None
-                    if event is not None and event["type"] == "presence":
-                        deliver_presence(event)
-                    elif event is not None:
-                        if not held:
-                            held_until = time.monotonic() + REORDER_SECONDS
-                        held.append(event["messages"])
-                        held.sort(key=lambda messages: messages[0]["id"])
-                        last_id = deliver_in_turn(held, last_id)
-                    if event is None or held and time.monotonic() >= held_until:
+                    events = await heard_on(pubsub, wait)
+                    for event in events:
+                        if event is not None and event["type"] == "presence":
+                            deliver_presence(event)
+                        elif event is not None:
+                            if not held:
+                                held_until = time.monotonic() + REORDER_SECONDS
+                            held.append(event["messages"])
+                    held.sort(key=lambda messages: messages[0]["id"])
+                    last_id = deliver_in_turn(held, last_id)
+                    if None in events or held and time.monotonic() >= held_until:
                         # A quiet spell, or a gap that did not fill: the database has what is missing
                         # (and what is held: a process publishes only what it has committed).
                         last_id = await catch_up(last_id, before=held[-1][-1]["id"] + 1 if held else None)
@@ -1472,22 +1495,36 @@ async def relay_from_redis(redis_client, last_id, subscribed):
             await asyncio.sleep(1)
 
 
+async def heard_on(pubsub, wait):
+    """What the channel brings within `wait` seconds: the first event, and those that came with
+    it (their messages go out together, in one write to each socket). None for a quiet spell or
+    a payload that is not signed."""
+    events = []
+    item = await pubsub.get_message(timeout=wait)
+    while item is not None and len(events) < STORE_BATCH:
+        events.append(verified_event(item["data"]) if item["type"] == "message" else None)
+        item = await pubsub.get_message(timeout=0)
+    return events or [None]
+
+
 def deliver_in_turn(held, last_id):
     """Deliver the held batches that come next in id order (older messages came already, or by
-    a catch-up); returns the last id delivered."""
+    a catch-up), all in one delivery; returns the last id delivered."""
+    news = []
     while held and held[0][0]["id"] <= last_id + 1:
         for message in held.pop(0):
             if message["id"] > last_id:
-                deliver(message)
+                news.append(message)
                 last_id = message["id"]
+    if news:
+        deliver(news)
     return last_id
 
 
 async def catch_up(last_id, before=None):
     """Deliver the stored messages after `last_id` (and before `before`); returns the last id delivered."""
     while rows := await fetch_messages(1000, after=last_id, before=before):
-        for row in rows:
-            deliver(chat_message(row))
+        deliver([chat_message(row) for row in rows])
         last_id = rows[-1]["id"]
     return last_id
 
@@ -1705,6 +1742,7 @@ async def replay(websocket, after, as_json):
 
 async def read_frames(websocket, username):
     """Store and broadcast each text frame; returns a close code, or None once the client left."""
+    unstored = collections.deque()  # futures of its messages not stored yet, oldest first
     while True:
         frame = await websocket.receive()
         if frame["type"] == "websocket.disconnect":
@@ -1722,12 +1760,11 @@ async def read_frames(websocket, username):
         if MESSAGE_LIMIT and not await count(lambda limiter: limiter.hit(MESSAGE_LIMIT, "message", username)):
             refused("message", [username])
             return CLOSE_TOO_MANY
-        try:
-            await store_and_publish(username, text)
-        except Exception as error:
-            log_now_and_then("store", logging.ERROR, "could not store a message from %r (its websocket gets 1011): %s",
-                             username, error or type(error).__name__)
-            return 1011
+        while unstored and unstored[0].done():
+            unstored.popleft()
+        if len(unstored) == UNSTORED_PER_SOCKET:
+            await asyncio.wait([unstored.popleft()])
+        unstored.append(store_soon(websocket, username, text))
 
 
 def socket_token(websocket):

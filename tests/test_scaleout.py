@@ -354,6 +354,49 @@ def test_a_process_stores_only_in_its_turn_under_the_shared_lock(shared_database
         assert stored[0]["id"] > taken_meanwhile
 
 
+def batches_stored(http):
+    """chat_store_batches_total of the server behind `http`."""
+    found = re.search(r"^chat_store_batches_total (\S+)$", http.get("/metrics").text, re.MULTILINE)
+    return float(found.group(1))
+
+
+def test_a_socket_is_read_on_while_its_messages_wait_to_be_stored(shared_database, shared_redis):
+    """A client that sends several messages at once does not wait for each to be stored before
+    the next is read: while the first waits for the shared lock, the others queue behind it and
+    are stored together in the next INSERT, and all arrive in the order sent."""
+    import asyncpg
+
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
+    with running_server(env) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
+        name, tokens = new_user(http)
+        token = tokens["access_token"]
+        start = latest_id(http, token)
+        texts = [f"burst {n}" for n in range(5)]
+
+        async def scenario():
+            client = await Client.open(name, url, token, start)
+            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
+            try:
+                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
+                before = await asyncio.to_thread(batches_stored, http)
+                for text in texts:
+                    await client.ws.send(text)
+                await asyncio.sleep(1)
+                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
+                await client.wait_for(texts)
+            finally:
+                await holder.close()
+                await client.close()
+            return before, client.texts()
+
+        before, received = run(scenario())
+        assert received == texts
+        assert [message["text"] for message in history(http, token, start)] == texts
+        # The first alone as it came, or with those read before the writer woke; then the rest
+        # (one at a time, there would be five).
+        assert batches_stored(http) - before in (1, 2)
+
+
 async def holding_proxy(port, redis_port, release):
     """A TCP proxy on `port` to the Redis on `redis_port` that holds each PUBLISH until `release` is set."""
 

@@ -2,8 +2,10 @@
 
 import asyncio
 import base64
+import collections
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -472,6 +474,35 @@ def test_the_in_process_test_client_gets_the_text_of_frames_rendered_once():
             for text in frame_texts(name):
                 ws.send_text(text)
                 assert ws.receive_text() == f"{name}: {text}"
+
+
+def test_messages_stored_together_go_to_each_socket_in_one_write():
+    """A socket write is most of what a delivery costs: messages stored in one batch go to each
+    socket in one write, in the socket's format; a socket whose replay sent some of them already
+    gets the rest one by one."""
+    writes = collections.defaultdict(list)
+
+    def fake_client(name, as_json, sent_through=0):
+        client = chat.Client(object(), None, lambda frame: writes[name].append(frame) or True, None,
+                             as_json=as_json, sent_through=sent_through)
+        client.backlog = None  # keeping up: frames go out at once
+        return client
+
+    first = 10**15 + secrets.randbelow(10**9)  # ids no other test delivers in this process
+    messages = [chat.chat_message(chat.message_fields(first + n, "ann", f"hi {n}", "2026-11-26T12:00:00Z"))
+                for n in range(3)]
+    clients = [fake_client("line", False), fake_client("json", True), fake_client("replayed", False, first + 1)]
+    saved = dict(chat.clients)
+    chat.clients.clear()
+    chat.clients.update((client.websocket, client) for client in clients)
+    try:
+        chat.deliver(messages)
+    finally:
+        chat.clients.clear()
+        chat.clients.update(saved)
+    assert writes["line"] == [b"".join(message["send_line"]["chat.frame"] for message in messages)]
+    assert writes["json"] == [b"".join(message["send_json"]["chat.frame"] for message in messages)]
+    assert writes["replayed"] == [messages[2]["send_line"]["chat.frame"]]
 
 
 SHORTCUT_PROBE = """
