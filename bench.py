@@ -43,6 +43,7 @@ import base64
 import collections
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
@@ -1458,29 +1459,42 @@ async def start_redis(bench):
 SCALEOUT_WINDOW = 256
 
 
-# The load generator read each of row 7's 110 sockets as soon as a frame arrived: about 150,000
-# wake-ups a second, 63% of a core on a 2-core machine where the servers under test wanted the
-# rest. Now all but the probe (which paces the senders) are read every POLL_SECONDS instead,
-# about 20 frames a read. (SO_RCVLOWAT cut the wake-ups too, but then the kernel ACKs each
-# segment at once, in the sending server's time: the server got 17% slower.) What is waiting
-# unread when a count is taken is about the same at the start and the end of the measured
-# window, so it cancels out.
+# Row 7's listeners. The load generator read each of its 110 sockets as soon as a frame arrived
+# and parsed every frame in Python: 63% of a core at 150,000 frames/s, on a 2-core machine where
+# the servers under test needed the rest, and now that a process sends millions of frames a
+# second, the limit of the row. So only the probe, which paces the senders, is read at once;
+# the others are read every POLL_SECONDS (SO_RCVLOWAT cut the wake-ups too, but then the kernel
+# ACKs each segment at once, in the sending server's time: the server got 17% slower). One
+# listener per process parses every frame as before and checks that each is this run's; the
+# rest count their frames by the first byte, at C speed (count_frames). At the end every socket
+# must have counted the same frames. What waits unread when a count is taken is about the same
+# at the start and the end of the measured window, so it cancels out.
 POLL_SECONDS = 0.02
 
 
-def read_in_batches(connections, stop):
-    """Hand `connections`' reading to a task that reads them all every POLL_SECONDS, until `stop`."""
+def count_frames(ws, data):
+    """Count a listener's frames without parsing them: a text frame starts with 0x81 and a close
+    with 0x88, and neither byte occurs anywhere else in the frames row 7 sends (ASCII lines under
+    126 bytes, so a one-byte length; no ping comes within uvicorn's 20 s ping interval)."""
+    ws.frames += data.count(0x81)
+    if 0x88 in data and not ws.closed.done():
+        ws.closed.set_result(None)
+
+
+def read_in_batches(parsed, counted, stop):
+    """Hand the reading of `parsed` (each frame parsed) and `counted` (frames counted, see
+    count_frames) to a task that reads them all every POLL_SECONDS, until `stop`."""
     socks = []
-    for ws in connections:
+    for ws in parsed + counted:
         ws.transport.pause_reading()
         sock = socket.socket(fileno=os.dup(ws.transport.get_extra_info("socket").fileno()))
         sock.setblocking(False)
-        socks.append((ws, sock))
+        socks.append((ws, sock, ws.data_received if ws in parsed else functools.partial(count_frames, ws)))
 
     async def poll():
         try:
             while not stop.is_set():
-                for ws, sock in socks:
+                for ws, sock, take in socks:
                     while True:
                         try:
                             data = sock.recv(262144)
@@ -1490,10 +1504,10 @@ def read_in_batches(connections, stop):
                             data = b""
                         if not data:
                             break
-                        ws.data_received(data)
+                        take(data)
                 await asyncio.sleep(POLL_SECONDS)
         finally:
-            for ws, sock in socks:
+            for ws, sock, _ in socks:
                 sock.close()
                 if not ws.transport.is_closing():
                     ws.transport.resume_reading()
@@ -1526,7 +1540,8 @@ async def scaleout_run(processes, path_for, listeners, senders_n, seconds, windo
         connections += senders
         probe = connections[0]  # the pump's flow control listens here
         probe.handler = None
-        polling = read_in_batches(connections[1:], stop_polling)
+        parsed = connections[1 : 1 + len(processes)]  # one on each process
+        polling = read_in_batches(parsed, connections[1 + len(processes):], stop_polling)
         base = probe.frames
         warm = await pump(senders, probe, 0.5, window, f"warm {tag}")
         await until(lambda: probe.frames - base >= warm, 5)  # the measured window starts empty
@@ -1538,8 +1553,12 @@ async def scaleout_run(processes, path_for, listeners, senders_n, seconds, windo
             elapsed = time.perf_counter() - start
             delivered = sum(ws.frames for ws in connections) - frames_before
             heard = probe.frames - heard_before
+        await until(lambda: probe.frames - heard_before >= sent, 10)  # then every socket has had every frame
+        await asyncio.sleep(5 * POLL_SECONDS)
+        counts = [ws.frames for ws in connections]
         return {"delivered": delivered / elapsed, "stored": heard / elapsed, "sent": sent, "foreign": foreign["n"],
-                "closed": sum(1 for ws in connections if ws.closed.done()), "cpu": cpu}
+                "closed": sum(1 for ws in connections if ws.closed.done()), "cpu": cpu,
+                "counts": (min(counts), max(counts))}
     finally:
         stop_polling.set()
         if polling:
@@ -1578,8 +1597,10 @@ async def scenario_scaleout(bench):
     t.add(name, "deliveries/s, 1 process", one["delivered"], note=f"{one['stored']:.0f} msgs/s stored; {one['cpu'].note()}")
     t.add(name, "deliveries/s, 2 processes", two["delivered"],
           note=f"{two['delivered'] / one['delivered']:.2f}x one process; {two['stored']:.0f} msgs/s stored; {two['cpu'].note()}")
+    agree = all(run["counts"][0] == run["counts"][1] for run in (one, two))
     t.add(name, "foreign frames / closed early", f"{one['foreign'] + two['foreign']} / {one['closed'] + two['closed']}",
-          note=f"Redis: {redis_note}; 'others' CPU includes PostgreSQL and Redis")
+          note=f"Redis: {redis_note}; 'others' CPU includes PostgreSQL and Redis; frames each socket got at the end: "
+               + ("the same on all" if agree else f"DIFFER: {one['counts']}, {two['counts']}"))
 
 
 # ---------------------------------------------------------------- scenario 8: the cost of the limits
