@@ -1395,7 +1395,7 @@ async def store_in_batches(to_store):
             while len(batch) < STORE_BATCH and not to_store.empty():
                 batch.append(to_store.get_nowait())
             try:
-                messages = await store_batch([(username, text) for username, text, _ in batch])
+                stored_at, stored_fields = await store_batch([(username, text) for username, text, _ in batch])
             except Exception as error:
                 for _, _, stored in batch:
                     if not stored.done():
@@ -1405,31 +1405,30 @@ async def store_in_batches(to_store):
                 if not stored.done():
                     stored.set_result(None)
             if service.get("publisher") is None:
-                deliver(messages)
-            else:
+                deliver([chat_message(fields, stored_at) for fields in stored_fields])
+            else:  # rendered by the relay, which hears them back
                 if publishing is not None:
                     await asyncio.wait([publishing])
-                publishing = asyncio.create_task(publish(messages))
+                publishing = asyncio.create_task(publish(stored_fields, stored_at))
     finally:
         if publishing is not None:
             publishing.cancel()
 
 
 async def store_batch(batch):
-    """Store a batch of (username, text); returns its messages, in id order."""
+    """Store a batch of (username, text); returns when, and its messages' fields in id order."""
     stored_at = time.time()
     created_at = iso_utc(stored_at)
     ids = await insert_messages(batch, created_at)
     MESSAGES_STORED.inc(len(ids))
     STORE_BATCHES.inc()
-    return [chat_message(message_fields(id, username, text, created_at), stored_at)
-            for id, (username, text) in zip(ids, batch)]
+    return stored_at, [message_fields(id, username, text, created_at) for id, (username, text) in zip(ids, batch)]
 
 
-async def publish(messages):
+async def publish(stored_fields, stored_at):
     """Hand a stored batch to every process's websockets (this one's included) through the
     channel; if Redis will not take it, deliver it here (the other processes fetch it)."""
-    payload = signed(json.dumps({"type": "messages", "messages": [message_fields_of(m) for m in messages]}))
+    payload = signed(json.dumps({"type": "messages", "messages": stored_fields}))
     try:
         try:
             await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
@@ -1437,12 +1436,8 @@ async def publish(messages):
             await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
     except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
         log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
-                    "and the other processes fetch them", messages[0]["id"], messages[-1]["id"], error)
-        deliver(messages)
-
-
-def message_fields_of(message):
-    return {key: message[key] for key in ("id", "username", "text", "created_at", "type")}
+                    "and the other processes fetch them", stored_fields[0]["id"], stored_fields[-1]["id"], error)
+        deliver([chat_message(fields, stored_at) for fields in stored_fields])
 
 
 GAP_CHECK_SECONDS = 2  # a relay that hears nothing for this long asks the database what it missed
