@@ -492,14 +492,16 @@ def test_messages_stored_together_go_to_each_socket_in_one_write():
     messages = [chat.chat_message(chat.message_fields(first + n, "ann", f"hi {n}", "2026-11-26T12:00:00Z"))
                 for n in range(3)]
     clients = [fake_client("line", False), fake_client("json", True), fake_client("replayed", False, first + 1)]
-    saved = dict(chat.clients)
+    saved = dict(chat.clients), list(chat.pending_presence)  # earlier in-process tests may leave joins waiting
     chat.clients.clear()
+    chat.pending_presence.clear()
     chat.clients.update((client.websocket, client) for client in clients)
     try:
         chat.deliver(messages)
     finally:
         chat.clients.clear()
-        chat.clients.update(saved)
+        chat.clients.update(saved[0])
+        chat.pending_presence[:] = saved[1]
     assert writes["line"] == [b"".join(message["send_line"]["chat.frame"] for message in messages)]
     assert writes["json"] == [b"".join(message["send_json"]["chat.frame"] for message in messages)]
     assert writes["replayed"] == [messages[2]["send_line"]["chat.frame"]]
