@@ -241,6 +241,9 @@ UNSAFE_CHARACTERS = re.compile("[\x01-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u
 WS_MAX_FRAME_BYTES = 64 * 1024  # for uvicorn's --ws-max-size: no frame may be bigger than this
 LIMIT_CONCURRENCY = 16_384  # for uvicorn's --limit-concurrency: past this many connections, HTTP gets 503
 OUTBOX_LIMIT = 256  # frames queued for one websocket before it counts as too slow
+# Messages in one write to a socket (stored together, they go out together): a larger write would
+# only add to what a socket that has stopped reading holds unsent before it counts as too slow.
+BUNDLE_LIMIT = 64
 CLOSE_TOO_SLOW = 1013  # "try again later": reconnect with ?after=<last id> to catch up
 CLOSE_TOKEN_EXPIRED = 4001  # refresh the access token, then reconnect with ?after=<last id>
 CLOSE_TOO_MANY = 4429  # past MESSAGE_LIMIT or MAX_SOCKETS_PER_USER: wait, then reconnect
@@ -1146,8 +1149,10 @@ def deliver(messages):
     if pending_presence:  # joins and leaves go out with the first
         send_presence(messages[0])
         rest = messages[1:]
-    if rest:
-        send_to(list(clients.values()), rest[0] if len(rest) == 1 else frame_bundle(rest))
+    targets = list(clients.values())
+    for start in range(0, len(rest), BUNDLE_LIMIT):
+        some = rest[start : start + BUNDLE_LIMIT]
+        send_to(targets, some[0] if len(some) == 1 else frame_bundle(some))
     now = time.time()
     for message in messages:
         if message["stored_at"] is not None:
@@ -1168,7 +1173,7 @@ def send_to(targets, frame, presence=None):
         parts = item["items"] if item["type"] == "bundle" else (item,)
         if client.backlog is None:
             send_now(client, item)
-        elif len(client.backlog) < OUTBOX_LIMIT:
+        elif len(client.backlog) + len(parts) <= OUTBOX_LIMIT:
             client.backlog.extend(parts)
         else:
             close_client(client.websocket, CLOSE_TOO_SLOW)
@@ -1368,17 +1373,21 @@ STORE_BATCH = 250  # messages in one INSERT (3 parameters each; SQLite allows 32
 UNSTORED_PER_SOCKET = 16
 
 
-def store_soon(websocket, username, text):
-    """Queue a message to be stored and handed on; returns a future done once it is stored. A
-    socket whose message could not be stored is closed with 1011."""
+def store_soon(websocket, username, text, unstored):
+    """Queue a message to be stored and handed on; returns a future done once it is stored.
+    `unstored` holds the futures of the socket's earlier messages not stored yet."""
     stored = asyncio.get_running_loop().create_future()
-    stored.add_done_callback(functools.partial(close_if_not_stored, websocket, username))
+    stored.add_done_callback(functools.partial(close_if_not_stored, websocket, username, unstored))
     service["to_store"].put_nowait((username, text, stored))
     return stored
 
 
-def close_if_not_stored(websocket, username, stored):
+def close_if_not_stored(websocket, username, unstored, stored):
+    """A message that could not be stored closes its socket with 1011, and the messages the socket
+    sent after it are not stored either: 1011 means that one and nothing after it."""
     if not stored.cancelled() and (error := stored.exception()) is not None:
+        for later in unstored:
+            later.cancel()
         log_now_and_then("store", logging.ERROR, "could not store a message from %r (its websocket gets 1011): %s",
                          username, error or type(error).__name__)
         close_client(websocket, 1011)
@@ -1394,12 +1403,16 @@ async def store_in_batches(to_store):
             batch = [await to_store.get()]
             while len(batch) < STORE_BATCH and not to_store.empty():
                 batch.append(to_store.get_nowait())
+            batch = [item for item in batch if not item[2].cancelled()]  # an earlier one of its socket failed
+            if not batch:
+                continue
             try:
                 stored_at, stored_fields = await store_batch([(username, text) for username, text, _ in batch])
             except Exception as error:
                 for _, _, stored in batch:
                     if not stored.done():
                         stored.set_exception(error)
+                await asyncio.sleep(0)  # their sockets' later messages are cancelled before the next batch
                 continue
             for _, _, stored in batch:
                 if not stored.done():
@@ -1434,7 +1447,7 @@ async def publish(stored_fields, stored_at):
             await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
         except redis.ConnectionError:  # a connection from before a Redis restart fails once
             await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
-    except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
+    except Exception as error:  # Redis down, slow, or anything else: the messages are stored all the same
         log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
                     "and the other processes fetch them", stored_fields[0]["id"], stored_fields[-1]["id"], error)
         deliver([chat_message(fields, stored_at) for fields in stored_fields])
@@ -1759,7 +1772,7 @@ async def read_frames(websocket, username):
             del unstored[0]
         if len(unstored) == UNSTORED_PER_SOCKET:
             await asyncio.wait([unstored.pop(0)])
-        unstored.append(store_soon(websocket, username, text))
+        unstored.append(store_soon(websocket, username, text, unstored))
 
 
 def socket_token(websocket):

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -505,6 +506,67 @@ def test_messages_stored_together_go_to_each_socket_in_one_write():
     assert writes["line"] == [b"".join(message["send_line"]["chat.frame"] for message in messages)]
     assert writes["json"] == [b"".join(message["send_json"]["chat.frame"] for message in messages)]
     assert writes["replayed"] == [messages[2]["send_line"]["chat.frame"]]
+
+
+def test_a_write_holds_at_most_bundle_limit_messages():
+    """Messages stored or heard together (a catch-up can bring a thousand) go out BUNDLE_LIMIT to
+    a write: one huge write would sit unsent on a socket that stopped reading."""
+    writes = []
+    client = chat.Client(object(), None, lambda frame: writes.append(frame) or True, None)
+    client.backlog = None
+    first = 10**15 + 10**10 + secrets.randbelow(10**9)
+    messages = [chat.chat_message(chat.message_fields(first + n, "ann", f"hi {n}", "2026-11-26T12:00:00Z"))
+                for n in range(chat.BUNDLE_LIMIT + 1)]
+    saved = dict(chat.clients), list(chat.pending_presence)
+    chat.clients.clear()
+    chat.pending_presence.clear()
+    chat.clients[client.websocket] = client
+    try:
+        chat.deliver(messages)
+    finally:
+        chat.clients.clear()
+        chat.clients.update(saved[0])
+        chat.pending_presence[:] = saved[1]
+    frames = [message["send_line"]["chat.frame"] for message in messages]
+    assert writes == [b"".join(frames[:-1]), frames[-1]]
+
+
+def test_a_message_that_cannot_be_stored_closes_its_socket_and_nothing_sent_after_it_is_stored(monkeypatch):
+    """A socket is read on while its messages wait to be stored; when one cannot be stored, the
+    socket gets 1011 and the messages it sent after that one are not stored either, so that a
+    client resending from the failed one does not put them out of order."""
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    real_insert = chat.insert_messages
+    tried = []
+    first_tried = threading.Event()
+
+    async def first_insert_fails(messages, created_at):
+        tried.append([text for _, text in messages])
+        if len(tried) == 1:
+            first_tried.set()
+            await asyncio.sleep(0.5)  # meanwhile the socket's next messages are read and queued
+            raise OSError("the database went away")
+        return await real_insert(messages, created_at)
+
+    monkeypatch.setattr(chat, "insert_messages", first_insert_fails)
+    with TestClient(chat.app) as client:
+        name, tokens = register_and_login(client)
+        headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+        start = client.get("/auth/messages", params={"limit": 1}, headers=headers).json()
+        after = start[-1]["id"] if start else 0
+        with client.websocket_connect(f"/ws?token={tokens['access_token']}") as ws:
+            ws.send_text("first")
+            assert first_tried.wait(5)
+            ws.send_text("second")
+            ws.send_text("third")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        assert closed.value.code == 1011
+        stored = client.get("/auth/messages", params={"after": after}, headers=headers).json()
+    assert [message["text"] for message in stored if message["username"] == name] == []
+    assert tried == [["first"]]
 
 
 SHORTCUT_PROBE = """
