@@ -667,9 +667,10 @@ class Bench:
         self.secret = "bench-" + secrets.token_urlsafe(32)
         self.postgres_databases = []
         self.started = time.monotonic()
-        # the limits row came last but one: +45 s, +60 s; the protocol row (~20 s, ~35 s): +30 s, +45 s;
-        # presence (~20 s, ~40 s): +30 s, +50 s; sockets (~30-80 s, ~60-170 s): +80 s, +170 s;
-        # metrics (the limits row's rounds again): +45 s, +60 s
+        # the limits row came last but one: +45 s, +90 s (four rounds of each setting); the protocol row
+        # (~20 s, ~35 s): +30 s, +45 s; presence (~20 s, ~40 s): +30 s, +50 s; sockets (~30-80 s,
+        # ~60-170 s): +80 s, +170 s; metrics (the limits row's rounds again): +45 s, +90 s. A full run
+        # takes about 500 s.
         self.deadline = self.started + (380 if args.quick else 670)
         self.notes = []
 
