@@ -477,23 +477,24 @@ def test_the_in_process_test_client_gets_the_text_of_frames_rendered_once():
                 assert ws.receive_text() == f"{name}: {text}"
 
 
-def test_messages_stored_together_go_to_each_socket_in_one_write():
-    """A socket write is most of what a delivery costs: messages stored in one batch go to each
-    socket in one write, in the socket's format; a socket whose replay sent some of them already
-    gets the rest one by one."""
-    writes = collections.defaultdict(list)
+def writing_client(writes, as_json=False, sent_through=0):
+    """A chat.Client that keeps up, whose every write is appended to `writes`."""
+    client = chat.Client(object(), None, lambda frame: writes.append(frame) or True, None,
+                         as_json=as_json, sent_through=sent_through)
+    client.backlog = None  # keeping up: frames go out at once
+    return client
 
-    def fake_client(name, as_json, sent_through=0):
-        client = chat.Client(object(), None, lambda frame: writes[name].append(frame) or True, None,
-                             as_json=as_json, sent_through=sent_through)
-        client.backlog = None  # keeping up: frames go out at once
-        return client
 
-    first = 10**15 + secrets.randbelow(10**9)  # ids no other test delivers in this process
-    messages = [chat.chat_message(chat.message_fields(first + n, "ann", f"hi {n}", "2026-11-26T12:00:00Z"))
-                for n in range(3)]
-    clients = [fake_client("line", False), fake_client("json", True), fake_client("replayed", False, first + 1)]
-    saved = dict(chat.clients), list(chat.pending_presence)  # earlier in-process tests may leave joins waiting
+def stored_messages(count):
+    first = 10**15 + secrets.randbelow(10**12)  # ids no other test delivers in this process
+    return [chat.chat_message(chat.message_fields(first + n, "ann", f"hi {n}", "2026-11-26T12:00:00Z"))
+            for n in range(count)]
+
+
+def deliver_to(clients, messages):
+    """chat.deliver(messages) with `clients` the only open sockets, and no joins or leaves waiting
+    (earlier in-process tests may leave some, and the first message would go out with them)."""
+    saved = dict(chat.clients), list(chat.pending_presence)
     chat.clients.clear()
     chat.pending_presence.clear()
     chat.clients.update((client.websocket, client) for client in clients)
@@ -503,6 +504,16 @@ def test_messages_stored_together_go_to_each_socket_in_one_write():
         chat.clients.clear()
         chat.clients.update(saved[0])
         chat.pending_presence[:] = saved[1]
+
+
+def test_messages_stored_together_go_to_each_socket_in_one_write():
+    """A socket write is most of what a delivery costs: messages stored in one batch go to each
+    socket in one write, in the socket's format; a socket whose replay sent some of them already
+    gets the rest one by one."""
+    writes = collections.defaultdict(list)
+    messages = stored_messages(3)
+    deliver_to([writing_client(writes["line"]), writing_client(writes["json"], as_json=True),
+                writing_client(writes["replayed"], sent_through=messages[1]["id"])], messages)
     assert writes["line"] == [b"".join(message["send_line"]["chat.frame"] for message in messages)]
     assert writes["json"] == [b"".join(message["send_json"]["chat.frame"] for message in messages)]
     assert writes["replayed"] == [messages[2]["send_line"]["chat.frame"]]
@@ -512,21 +523,8 @@ def test_a_write_holds_at_most_bundle_limit_messages():
     """Messages stored or heard together (a catch-up can bring a thousand) go out BUNDLE_LIMIT to
     a write: one huge write would sit unsent on a socket that stopped reading."""
     writes = []
-    client = chat.Client(object(), None, lambda frame: writes.append(frame) or True, None)
-    client.backlog = None
-    first = 10**15 + 10**10 + secrets.randbelow(10**9)
-    messages = [chat.chat_message(chat.message_fields(first + n, "ann", f"hi {n}", "2026-11-26T12:00:00Z"))
-                for n in range(chat.BUNDLE_LIMIT + 1)]
-    saved = dict(chat.clients), list(chat.pending_presence)
-    chat.clients.clear()
-    chat.pending_presence.clear()
-    chat.clients[client.websocket] = client
-    try:
-        chat.deliver(messages)
-    finally:
-        chat.clients.clear()
-        chat.clients.update(saved[0])
-        chat.pending_presence[:] = saved[1]
+    messages = stored_messages(chat.BUNDLE_LIMIT + 1)
+    deliver_to([writing_client(writes)], messages)
     frames = [message["send_line"]["chat.frame"] for message in messages]
     assert writes == [b"".join(frames[:-1]), frames[-1]]
 
