@@ -1482,12 +1482,13 @@ async def relay_from_redis(redis_client, last_id, subscribed):
                     events = await heard_on(pubsub, wait)
                     for event in events:
                         if event is not None and event["type"] == "presence":
+                            last_id = deliver_in_turn(held, last_id)  # what was heard before it goes first
                             deliver_presence(event)
                         elif event is not None:
                             if not held:
                                 held_until = time.monotonic() + REORDER_SECONDS
                             held.append(event["messages"])
-                    held.sort(key=lambda messages: messages[0]["id"])
+                            held.sort(key=lambda messages: messages[0]["id"])
                     last_id = deliver_in_turn(held, last_id)
                     if None in events or held and time.monotonic() >= held_until:
                         # A quiet spell, or a gap that did not fill: the database has what is missing

@@ -89,3 +89,41 @@ def test_batches_that_reach_redis_out_of_order_are_delivered_in_id_order():
                     (last + 1, "published first"), (last + 2, "published second")]
 
         asyncio.run(scenario())
+
+
+def test_a_message_and_a_leave_heard_together_reach_presence_subscribers_in_that_order():
+    """A relay delivers what it heard at once together; a leave heard just after a message still
+    reaches a presence subscriber after that message, as it was published."""
+    import redis
+
+    import chat
+
+    channel = "chat-test-" + secrets.token_hex(4)
+    with running_server(env={"BROADCAST_URL": REDIS_URL, "BROADCAST_CHANNEL": channel}) as (url, _):
+        with httpx.Client(base_url=url) as http:
+            name, tokens = register_and_login(http)
+        leaving = "gone_" + secrets.token_hex(3)
+
+        async def scenario():
+            async with connect(ws_url(url, tokens["access_token"], format="json", presence=1)) as ws:
+                await ws.send("stored")
+                last = (await receive_texts(ws, 1, 10))[0]["id"]
+                fields = {"id": last + 1, "username": name, "text": "goodbye", "created_at": "2026-01-01T00:00:00Z",
+                          "type": "message"}
+                publisher = redis.Redis.from_url(REDIS_URL)
+                try:
+                    with publisher.pipeline(transaction=False) as pipe:  # one write: heard at once
+                        pipe.publish(channel, chat.signed(json.dumps({"type": "messages", "messages": [fields]})))
+                        pipe.publish(channel, chat.signed(json.dumps(
+                            {"type": "presence", "username": leaving, "online": False})))
+                        assert pipe.execute() == [1, 1]
+                finally:
+                    publisher.close()
+                frames = []
+                while len(frames) < 2:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if frame.get("username") in (name, leaving):
+                        frames.append((frame["type"], frame["username"]))
+                assert frames == [("message", name), ("presence", leaving)]
+
+        asyncio.run(scenario())
