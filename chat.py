@@ -1418,7 +1418,7 @@ async def store_in_batches(to_store):
                 if not stored.done():
                     stored.set_result(None)
             if service.get("publisher") is None:
-                deliver([chat_message(fields, stored_at) for fields in stored_fields])
+                deliver_here(stored_fields, stored_at)
             else:  # rendered by the relay, which hears them back
                 if publishing is not None:
                     await asyncio.wait([publishing])
@@ -1450,7 +1450,12 @@ async def publish(stored_fields, stored_at):
     except Exception as error:  # Redis down, slow, or anything else: the messages are stored all the same
         log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
                     "and the other processes fetch them", stored_fields[0]["id"], stored_fields[-1]["id"], error)
-        deliver([chat_message(fields, stored_at) for fields in stored_fields])
+        deliver_here(stored_fields, stored_at)
+
+
+def deliver_here(stored_fields, stored_at):
+    """Deliver a batch this process stored to its own websockets, without Redis."""
+    deliver([chat_message(fields, stored_at) for fields in stored_fields])
 
 
 GAP_CHECK_SECONDS = 2  # a relay that hears nothing for this long asks the database what it missed

@@ -21,6 +21,14 @@ async def receive_texts(ws, count, seconds):
     return frames
 
 
+def signed_message(id, username, text):
+    """What a process publishes for a batch of one message (signed with the tests' SECRET_KEY)."""
+    import chat
+
+    fields = {"id": id, "username": username, "text": text, "created_at": "2026-01-01T00:00:00Z", "type": "message"}
+    return chat.signed(json.dumps({"type": "messages", "messages": [fields]}))
+
+
 def test_messages_a_process_could_not_publish_reach_the_other_processes_in_order():
     channel = "chat-test-" + secrets.token_hex(4)
     env = {"BROADCAST_URL": REDIS_URL, "BROADCAST_CHANNEL": channel}
@@ -63,16 +71,10 @@ def test_batches_that_reach_redis_out_of_order_are_delivered_in_id_order():
     between them and would have let the earlier one be skipped when it came."""
     import redis
 
-    import chat
-
     channel = "chat-test-" + secrets.token_hex(4)
     with running_server(env={"BROADCAST_URL": REDIS_URL, "BROADCAST_CHANNEL": channel}) as (url, _):
         with httpx.Client(base_url=url) as http:
             name, tokens = register_and_login(http)
-
-        def batch(id, text):
-            fields = {"id": id, "username": name, "text": text, "created_at": "2026-01-01T00:00:00Z", "type": "message"}
-            return chat.signed(json.dumps({"type": "messages", "messages": [fields]}))
 
         async def scenario():
             async with connect(ws_url(url, tokens["access_token"], format="json")) as ws:
@@ -80,8 +82,8 @@ def test_batches_that_reach_redis_out_of_order_are_delivered_in_id_order():
                 last = (await receive_texts(ws, 1, 10))[0]["id"]
                 publisher = redis.Redis.from_url(REDIS_URL)
                 try:  # what a relay hears: the later batch first, then (within milliseconds) the earlier one
-                    assert publisher.publish(channel, batch(last + 2, "published second")) == 1
-                    assert publisher.publish(channel, batch(last + 1, "published first")) == 1
+                    assert publisher.publish(channel, signed_message(last + 2, name, "published second")) == 1
+                    assert publisher.publish(channel, signed_message(last + 1, name, "published first")) == 1
                 finally:
                     publisher.close()
                 heard = await receive_texts(ws, 2, 10)
@@ -108,12 +110,10 @@ def test_a_message_and_a_leave_heard_together_reach_presence_subscribers_in_that
             async with connect(ws_url(url, tokens["access_token"], format="json", presence=1)) as ws:
                 await ws.send("stored")
                 last = (await receive_texts(ws, 1, 10))[0]["id"]
-                fields = {"id": last + 1, "username": name, "text": "goodbye", "created_at": "2026-01-01T00:00:00Z",
-                          "type": "message"}
                 publisher = redis.Redis.from_url(REDIS_URL)
                 try:
                     with publisher.pipeline(transaction=False) as pipe:  # one write: heard at once
-                        pipe.publish(channel, chat.signed(json.dumps({"type": "messages", "messages": [fields]})))
+                        pipe.publish(channel, signed_message(last + 1, name, "goodbye"))
                         pipe.publish(channel, chat.signed(json.dumps(
                             {"type": "presence", "username": leaving, "online": False})))
                         assert pipe.execute() == [1, 1]
