@@ -132,6 +132,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def same_window(seconds, needed=5.0):
+    """Return when at least `needed` seconds are left in the current in-memory window of `seconds`.
+    Limits counted in memory use windows aligned to the epoch, and attempts that straddle a
+    boundary can let one more through (the sliding-window counter rounds the previous window's
+    weighted count down)."""
+    left = seconds - time.time() % seconds
+    if left < needed:
+        time.sleep(left + 0.05)
+
+
 def wait_until_healthy(health_url, process, seconds=30):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -23,8 +23,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import (
-    PASSWORD, TMP, closed_with, free_port, register_and_login, running_server, server_log, stop_process,
-    unavailable, unique_name, ws_url,
+    PASSWORD, TMP, closed_with, free_port, register_and_login, running_server, same_window, server_log,
+    stop_process, unavailable, unique_name, ws_url,
 )
 
 LIMIT_VARIABLES = ("LOGIN_LIMIT", "REGISTER_LIMIT", "MESSAGE_LIMIT", "MAX_SOCKETS_PER_USER")
@@ -35,13 +35,6 @@ REDIS_SERVER = "/usr/bin/redis-server"
 
 def run(coroutine, seconds=60):
     return asyncio.run(asyncio.wait_for(coroutine, seconds))
-
-
-def same_window(seconds, needed=5.0):
-    """Return when at least `needed` seconds are left in the current in-memory window of `seconds`."""
-    left = seconds - time.time() % seconds
-    if left < needed:
-        time.sleep(left + 0.05)
 
 
 def client(base_url, source=None, **options):
