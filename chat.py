@@ -1396,14 +1396,18 @@ def close_if_not_stored(websocket, username, unstored, stored):
 async def store_in_batches(to_store):
     """The one writer of messages: each round takes everything waiting, up to STORE_BATCH. With
     Redis, a batch is stored while the one before is being published, so that neither round
-    trip leaves the process idle; the batches are still published in the order they were stored."""
+    trip leaves the process idle; the batches are still published in the order they were stored.
+    A None in the queue (stop_writer) ends it once what came before is stored and published."""
     publishing = None
+    stopping = False
     try:
-        while True:
+        while not stopping:
             batch = [await to_store.get()]
-            while len(batch) < STORE_BATCH and not to_store.empty():
+            while len(batch) < STORE_BATCH and not to_store.empty() and batch[-1] is not None:
                 batch.append(to_store.get_nowait())
-            batch = [item for item in batch if not item[2].cancelled()]  # an earlier one of its socket failed
+            stopping = batch[-1] is None
+            # Without the messages whose socket's earlier one failed.
+            batch = [item for item in batch if item is not None and not item[2].cancelled()]
             if not batch:
                 continue
             try:
@@ -1423,9 +1427,28 @@ async def store_in_batches(to_store):
                 if publishing is not None:
                     await asyncio.wait([publishing])
                 publishing = asyncio.create_task(publish(stored_fields, stored_at))
+        if publishing is not None:
+            await publishing
     finally:
         if publishing is not None:
             publishing.cancel()
+
+
+WRITER_STOP_SECONDS = 5
+
+
+async def stop_writer():
+    """At shutdown, once the websockets are closed: let the writer store (and publish) the
+    messages it has read, for up to WRITER_STOP_SECONDS, instead of dropping them: a restart
+    loses no message that reached the server."""
+    writer = service.pop("writer", None)
+    if writer is None:
+        return
+    service["to_store"].put_nowait(None)
+    await asyncio.wait([writer], timeout=WRITER_STOP_SECONDS)
+    writer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
 
 
 async def store_batch(batch):
@@ -2157,7 +2180,8 @@ async def start_service():
 
 
 async def stop_service():
-    for name in ("relay", "presence", "writer", "expiry"):
+    await stop_writer()
+    for name in ("relay", "presence", "expiry"):
         task = service.pop(name, None)
         if task:
             task.cancel()

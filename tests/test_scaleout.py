@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 import chat
 from conftest import (
-    POSTGRES_ADMIN_URL, TMP, free_port, postgres_admin, register_and_login, running_server,
+    POSTGRES_ADMIN_URL, TMP, closed_with, free_port, postgres_admin, register_and_login, running_server,
     server_log, stop_process, unavailable, ws_url,
 )
 
@@ -395,6 +395,42 @@ def test_a_socket_is_read_on_while_its_messages_wait_to_be_stored(shared_databas
         # The first alone as it came, or with those read before the writer woke; then the rest
         # (one at a time, there would be five).
         assert batches_stored(http) - before in (1, 2)
+
+
+def test_messages_read_before_a_stop_are_stored_before_the_process_exits(shared_database, shared_redis):
+    """A server stopped (SIGTERM) while messages it has read wait to be stored stores them before
+    it exits, rather than dropping them with its writer: a restart loses no message that reached
+    the server. Here they wait for the shared lock, which the test lets go after the signal."""
+    import asyncpg
+
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
+    texts = [f"before the stop {n}" for n in range(5)]
+    with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
+        name, tokens = new_user(http)
+        token = tokens["access_token"]
+        start = latest_id(http, token)
+
+        async def scenario():
+            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
+            try:
+                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
+                async with connect(ws_url(url, token)) as ws:
+                    for text in texts:
+                        await ws.send(text)
+                    await asyncio.sleep(1)  # read by the server, and waiting for the lock
+                    process.terminate()
+                    assert await closed_with(ws) == (1001, "")
+                await asyncio.sleep(0.5)
+                assert process.poll() is None  # still storing them
+                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
+            finally:
+                await holder.close()
+
+        run(scenario())
+        process.wait(timeout=15)  # uvicorn ends by raising the signal it caught again: no exit code to check
+        assert "Traceback" not in server_log(process)
+    with running_server(env) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
+        assert [m["text"] for m in history(http, token, start)] == texts
 
 
 async def holding_proxy(port, redis_port, release):
