@@ -1461,9 +1461,16 @@ async def store_batch(batch):
     return stored_at, [message_fields(id, username, text, created_at) for id, (username, text) in zip(ids, batch)]
 
 
+PUBLISH_RETRY_SECONDS = 5  # after a publish failed, deliver here without trying Redis for this long
+
+
 async def publish(stored_fields, stored_at):
     """Hand a stored batch to every process's websockets (this one's included) through the
-    channel; if Redis will not take it, deliver it here (the other processes fetch it)."""
+    channel; if Redis will not take it, deliver it here (the other processes fetch it). A Redis
+    that did not answer is not waited on again for every batch, only after PUBLISH_RETRY_SECONDS."""
+    if time.monotonic() < service.get("publish_retry_at", 0):
+        deliver_here(stored_fields, stored_at)
+        return
     payload = signed(json.dumps({"type": "messages", "messages": stored_fields}))
     try:
         try:
@@ -1472,7 +1479,9 @@ async def publish(stored_fields, stored_at):
             await asyncio.wait_for(service["publisher"].publish(BROADCAST_CHANNEL, payload), 2)
     except Exception as error:  # Redis down, slow, or anything else: the messages are stored all the same
         log.warning("could not publish messages %s-%s to Redis (%s); delivering them here, "
-                    "and the other processes fetch them", stored_fields[0]["id"], stored_fields[-1]["id"], error)
+                    "and the other processes fetch them; trying Redis again in %s s",
+                    stored_fields[0]["id"], stored_fields[-1]["id"], error, PUBLISH_RETRY_SECONDS)
+        service["publish_retry_at"] = time.monotonic() + PUBLISH_RETRY_SECONDS
         deliver_here(stored_fields, stored_at)
 
 

@@ -489,6 +489,38 @@ def test_a_batch_is_stored_while_the_one_before_is_being_published(shared_databa
         run(scenario())
 
 
+def test_after_a_publish_times_out_the_next_batches_are_delivered_here_at_once(shared_database, shared_redis):
+    """A Redis that holds a PUBLISH costs the first batch the 2 s the publish waits, not every
+    batch: for PUBLISH_RETRY_SECONDS after a failed publish, batches go to this process's
+    websockets without trying Redis (the other processes fetch them from the database)."""
+    proxy_port = free_port()
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL,
+           "CHAT_TEST_PUBLISH_URL": f"redis://127.0.0.1:{proxy_port}/0"}
+    with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
+        name, tokens = new_user(http)
+        token = tokens["access_token"]
+        start = latest_id(http, token)
+
+        async def scenario():
+            release = asyncio.Event()  # never set: every PUBLISH is held
+            proxy = await holding_proxy(proxy_port, urllib.parse.urlsplit(shared_redis).port, release)
+            client = await Client.open(name, url, token, start)
+            try:
+                await client.ws.send("first")
+                await client.wait_for(["first"])  # after the publish gave up
+                sent = time.monotonic()
+                await client.ws.send("second")
+                await client.wait_for(["first", "second"])
+                return time.monotonic() - sent
+            finally:
+                release.set()
+                await client.close()
+                proxy.close()
+
+        assert run(scenario()) < 1.0  # it waited 2 s on Redis again before
+        assert server_log(process).count("could not publish messages") == 1
+
+
 def worker_pids(port, clients):
     """The server processes that hold the connections of `clients` to `port`."""
     output = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
