@@ -433,6 +433,18 @@ def test_messages_read_before_a_stop_are_stored_before_the_process_exits(shared_
         assert [m["text"] for m in history(http, token, start)] == texts
 
 
+def publishing_through(proxy_port, database, redis_url):
+    """A server's environment where it publishes through a proxy on `proxy_port` (holding_proxy)."""
+    return {"DATABASE_URL": database_url(database), "BROADCAST_URL": redis_url, "BROADCAST_CHANNEL": CHANNEL,
+            "CHAT_TEST_PUBLISH_URL": f"redis://127.0.0.1:{proxy_port}/0"}
+
+
+def user_from_now(http):
+    """A new user: (name, access token, the latest id stored so far)."""
+    name, tokens = new_user(http)
+    return name, tokens["access_token"], latest_id(http, tokens["access_token"])
+
+
 async def holding_proxy(port, redis_port, release):
     """A TCP proxy on `port` to the Redis on `redis_port` that holds each PUBLISH until `release` is set."""
 
@@ -457,12 +469,9 @@ def test_a_batch_is_stored_while_the_one_before_is_being_published(shared_databa
     orders the publishes): while Redis holds the first message's PUBLISH, a second message from
     the same socket is stored; once the publish goes through, both arrive, in order."""
     proxy_port = free_port()
-    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL,
-           "CHAT_TEST_PUBLISH_URL": f"redis://127.0.0.1:{proxy_port}/0"}
-    with running_server(env) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
-        name, tokens = new_user(http)
-        token = tokens["access_token"]
-        start = latest_id(http, token)
+    with running_server(publishing_through(proxy_port, shared_database, shared_redis)) as (url, _), \
+            httpx.Client(base_url=url, timeout=10) as http:
+        name, token, start = user_from_now(http)
 
         async def scenario():
             release = asyncio.Event()
@@ -494,12 +503,9 @@ def test_after_a_publish_times_out_the_next_batches_are_delivered_here_at_once(s
     batch: for PUBLISH_RETRY_SECONDS after a failed publish, batches go to this process's
     websockets without trying Redis (the other processes fetch them from the database)."""
     proxy_port = free_port()
-    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL,
-           "CHAT_TEST_PUBLISH_URL": f"redis://127.0.0.1:{proxy_port}/0"}
-    with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
-        name, tokens = new_user(http)
-        token = tokens["access_token"]
-        start = latest_id(http, token)
+    with running_server(publishing_through(proxy_port, shared_database, shared_redis)) as (url, process), \
+            httpx.Client(base_url=url, timeout=10) as http:
+        name, token, start = user_from_now(http)
 
         async def scenario():
             release = asyncio.Event()  # never set: every PUBLISH is held
