@@ -723,6 +723,37 @@ async def take_attempt(item, *keys):
         raise await too_many_attempts(item, *keys)
 
 
+class TooManyMessages(Exception):
+    """A message past MESSAGE_LIMIT: it is neither stored nor sent, and its socket gets 4429."""
+
+
+async def within_message_limit(batch):
+    """The messages of a batch of (username, text, future) that MESSAGE_LIMIT lets through, in
+    order; the future of each one past it gets TooManyMessages."""
+    by_user = {}
+    for username, _, stored in batch:
+        by_user.setdefault(username, []).append(stored)
+    past = set()
+    for futures in await asyncio.gather(*(past_message_limit(*user) for user in by_user.items())):
+        past.update(futures)
+    for stored in past:
+        stored.set_exception(TooManyMessages())
+    return [item for item in batch if item[2] not in past] if past else batch
+
+
+async def past_message_limit(username, futures):
+    """Of a user's messages in a batch (their futures, in order), those past MESSAGE_LIMIT. They are
+    counted with one call (one per message cost more than the rest of a message's handling); only
+    when they do not all fit, one by one."""
+    if await count(lambda limiter: limiter.hit(MESSAGE_LIMIT, "message", username, cost=len(futures))):
+        return []
+    for n in range(len(futures)):
+        if not await count(lambda limiter: limiter.hit(MESSAGE_LIMIT, "message", username)):
+            refused("message", [username])
+            return futures[n:]
+    return []
+
+
 def refused(kind, who):
     """Count, and now and then log, a refusal past a limit."""
     LIMIT_REFUSALS.labels(kind).inc()
@@ -1383,11 +1414,15 @@ def store_soon(websocket, username, text, unstored):
 
 
 def close_if_not_stored(websocket, username, unstored, stored):
-    """A message that could not be stored closes its socket with 1011, and the messages the socket
-    sent after it are not stored either: 1011 means that one and nothing after it."""
+    """A message that could not be stored closes its socket with 1011 (4429 when it was past
+    MESSAGE_LIMIT), and the messages the socket sent after it are not stored either: the close
+    means that one and nothing after it."""
     if not stored.cancelled() and (error := stored.exception()) is not None:
         for later in unstored:
             later.cancel()
+        if isinstance(error, TooManyMessages):
+            close_client(websocket, CLOSE_TOO_MANY)
+            return
         log_now_and_then("store", logging.ERROR, "could not store a message from %r (its websocket gets 1011): %s",
                          username, error or type(error).__name__)
         close_client(websocket, 1011)
@@ -1408,7 +1443,10 @@ async def store_in_batches(to_store):
             stopping = batch[-1] is None
             # Without the messages whose socket's earlier one failed.
             batch = [item for item in batch if item is not None and not item[2].cancelled()]
+            if MESSAGE_LIMIT and batch:
+                batch = await within_message_limit(batch)
             if not batch:
+                await asyncio.sleep(0)  # the refused ones' sockets cancel their later messages first
                 continue
             try:
                 stored_at, stored_fields = await store_batch([(username, text) for username, text, _ in batch])
@@ -1803,9 +1841,6 @@ async def read_frames(websocket, username):
         text = UNSAFE_CHARACTERS.sub("", text)
         if not text.strip() or websocket not in clients:  # not in clients: it is being closed
             continue
-        if MESSAGE_LIMIT and not await count(lambda limiter: limiter.hit(MESSAGE_LIMIT, "message", username)):
-            refused("message", [username])
-            return CLOSE_TOO_MANY
         while unstored and unstored[0].done():
             del unstored[0]
         if len(unstored) == UNSTORED_PER_SOCKET:

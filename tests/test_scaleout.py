@@ -397,6 +397,46 @@ def test_a_socket_is_read_on_while_its_messages_wait_to_be_stored(shared_databas
         assert batches_stored(http) - before in (1, 2)
 
 
+def test_a_batch_that_does_not_fit_the_message_limit_stores_what_fits(shared_database, shared_redis):
+    """MESSAGE_LIMIT counts a user's messages in a batch with one call (in Redis here); when they
+    do not all fit, one by one: the first that fit are stored, the socket of the first one past
+    the limit gets 4429, and another user's messages in the same batch are stored."""
+    import asyncpg
+
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis,
+           "BROADCAST_CHANNEL": "chat-test-" + secrets.token_hex(6), "MESSAGE_LIMIT": "5 per hour"}
+    with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
+        alice, alice_token, start = user_from_now(http)
+        bob, bob_token, _ = user_from_now(http)
+
+        async def scenario():
+            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
+            watcher = await Client.open(bob, url, bob_token, start)
+            try:
+                async with connect(ws_url(url, alice_token)) as ws:
+                    await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
+                    await ws.send("alice 0")  # stored alone, once the lock is let go
+                    await asyncio.sleep(0.3)
+                    for n in range(1, 8):  # the next batch: 7 of hers, 4 of which fit
+                        await ws.send(f"alice {n}")
+                    for n in range(2):
+                        await watcher.ws.send(f"bob {n}")
+                    await asyncio.sleep(0.5)
+                    await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
+                    assert await closed_with(ws) == (4429, "Too many messages")
+                await watcher.wait_for(["bob 1"])
+                await asyncio.sleep(0.3)
+                return watcher.texts()
+            finally:
+                await holder.close()
+                await watcher.close()
+
+        expected = [f"alice {n}" for n in range(5)] + ["bob 0", "bob 1"]
+        assert run(scenario()) == expected
+        assert [m["text"] for m in history(http, bob_token, start)] == expected
+    assert "Traceback" not in server_log(process)
+
+
 def test_messages_read_before_a_stop_are_stored_before_the_process_exits(shared_database, shared_redis):
     """A server stopped (SIGTERM) while messages it has read wait to be stored stores them before
     it exits, rather than dropping them with its writer: a restart loses no message that reached
