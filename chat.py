@@ -67,9 +67,10 @@ HERE = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------- configuration
 
-# `token=<value>` in URLs (`access_token=`, `refresh_token=` too) and `bearer.<token>` or
-# `Bearer <token>` in headers, as uvicorn's logs and the websockets library's debug lines show them.
-TOKENS_IN_TEXT = re.compile(r"(token=|\bbearer[.\s]\s*)[^&\s\"',]+", re.IGNORECASE)
+# `token=<value>` in URLs (`access_token=`, `refresh_token=` too, and with any letter of the key
+# percent-encoded: the server decodes keys) and `bearer.<token>` or `Bearer <token>` in headers,
+# as uvicorn's logs and the websockets library's debug lines show them.
+TOKENS_IN_TEXT = re.compile(r"((?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=|\bbearer[.\s]\s*)[^&\s\"',]+", re.IGNORECASE)
 
 
 def hide_tokens(record):

@@ -159,6 +159,10 @@ def use_every_way_a_token_travels(base_url):
             async with connect(socket_url(base_url, format="json", token=access), open_timeout=10) as ws:  # token not first
                 await ws.send("by query, second")
                 await asyncio.wait_for(ws.recv(), 10)
+            # A percent-encoded key is the same key to the server, so it must be masked the same.
+            async with connect(base_url.replace("http://", "ws://") + f"/ws?tok%65n={access}", open_timeout=10) as ws:
+                await ws.send("by query, encoded key")
+                assert await asyncio.wait_for(ws.recv(), 10) == f"{name}: by query, encoded key"
             async with open_socket(base_url, access, "subprotocol") as ws:
                 await ws.send("by subprotocol")
                 assert await asyncio.wait_for(ws.recv(), 10) == f"{name}: by subprotocol"
@@ -189,6 +193,7 @@ def test_no_token_appears_in_any_log_line(level):
     assert "/auth/messages?token=*** HTTP/1.1" in log, log
     assert "/health?access_token=***&refresh_token=*** HTTP/1.1" in log, log
     assert "/nowhere?token=***" in log, log
+    assert '"WebSocket /ws?tok%65n=***" [accepted]' in log, log
     leaks = leaked_parts(log, used)
     leaking_lines = [line for line in log.splitlines() if any(part in line for part in leaks)]
     assert not leaks, "tokens in the log:\n" + "\n".join(line[:300] for line in leaking_lines[:10])
