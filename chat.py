@@ -281,6 +281,18 @@ def log_now_and_then(kind, level, message, *args):
     log_times[kind] = [time.monotonic(), 0]
 
 
+def no_traceback_for_bad_text(record):
+    """Logging filter: uvicorn logs a text frame that is not UTF-8 (which it closes with 1007)
+    as an error with a traceback, one per frame a client sends; it gets a line now and then."""
+    if record.msg == "Invalid UTF-8 sequence received from client.":
+        log_now_and_then("utf-8", logging.WARNING, "closed a websocket with 1007: a text frame was not UTF-8")
+        return False
+    return True
+
+
+logging.getLogger("uvicorn.error").addFilter(no_traceback_for_bad_text)
+
+
 def metrics_directory():
     """Where the processes of `uvicorn --workers N` pool their metrics (prometheus_client's
     multiprocess mode): PROMETHEUS_MULTIPROC_DIR if set, else a private folder per uvicorn
@@ -2082,6 +2094,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
 # ---------------------------------------------------------------- uvicorn's websocket protocol, frames rendered once
 
+# chat writes a frame only while the socket takes them (below the transport's high-water mark),
+# at most BUNDLE_LIMIT frames of at most MAX_MESSAGE_CHARS at once: well under 1 MiB waits.
+WRITE_BUFFER_LIMIT = 4 * 2**20
+
+
 class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol, plus one shortcut; serve with
     `--ws chat:ChatWebSocketProtocol`. It offers the ASGI extension `chat.write_frame`: a plain
@@ -2105,6 +2122,14 @@ class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(frame)
             return True
         return False
+
+    def handle_ping(self):
+        """Answer a ping (uvicorn writes the pong whether or not the client reads), and reset
+        the connection of a client that sends pings but reads nothing once WRITE_BUFFER_LIMIT
+        is waiting to go to it: its pongs would otherwise be buffered without end."""
+        super().handle_ping()
+        if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self.abort()
 
     def abort(self):
         """Reset the connection (RST), unless it is closed already: what is queued is dropped, in

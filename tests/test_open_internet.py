@@ -3,6 +3,7 @@ as every documented command serves it): request heads are bounded in size and in
 requests of every kind are dropped, and the process may hold as many files as the system allows."""
 
 import asyncio
+import base64
 import os
 import resource
 import socket
@@ -13,9 +14,12 @@ import time
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
 
 import chat
-from conftest import ROOT, free_port, register_and_login, running_server, stop_process, wait_until_healthy, ws_url
+from conftest import (
+    ROOT, free_port, register_and_login, running_server, server_log, stop_process, wait_until_healthy, ws_url,
+)
 
 
 def raw_connection(base_url):
@@ -183,3 +187,59 @@ def test_a_websocket_outlives_the_head_timeout():
                 return await asyncio.wait_for(ws.recv(), 10)
 
         assert asyncio.run(idle_then_chat()).endswith(": still here")
+
+
+def websocket_upgrade(base_url, path, receive_buffer=4096):
+    """A plain socket with a small receive buffer, upgraded to a websocket at `path`."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    host, port = base_url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return sock
+
+
+def client_frame(opcode, payload):
+    return Frame(opcode, payload).serialize(mask=True, extensions=[])
+
+
+@pytest.mark.parametrize("with_token", [False, True])
+def test_a_client_that_pings_and_never_reads_is_reset_not_buffered(with_token):
+    """Every ping gets a pong, read or not: a client that sent pings and read nothing made the
+    server buffer every pong, without end, and before any login (a review saw 300 MiB in 8 s).
+    Past WRITE_BUFFER_LIMIT the connection is reset."""
+    with running_server() as (base_url, process), httpx.Client(base_url=base_url, timeout=10) as http:
+        _, tokens = register_and_login(http)
+        before = rss_kib(process.pid)
+        sock = websocket_upgrade(base_url, f"/ws?token={tokens['access_token']}" if with_token else "/ws")
+        sock.settimeout(20)
+        pings = client_frame(Opcode.PING, b"p" * 125) * 4096  # half a MiB
+        sent = 0
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while sent < 200 * 2**20:  # the server must stop us long before
+                sock.sendall(pings)
+                sent += len(pings)
+        sock.close()
+        assert sent < 100 * 2**20
+        assert rss_kib(process.pid) - before < 50 * 1024
+        assert http.get("/health").status_code == 200
+
+
+def test_a_text_frame_that_is_not_utf8_closes_with_1007_and_no_traceback():
+    with running_server() as (base_url, process), httpx.Client(base_url=base_url, timeout=10) as http:
+        _, tokens = register_and_login(http)
+        sock = websocket_upgrade(base_url, f"/ws?token={tokens['access_token']}")
+        sock.settimeout(10)
+        time.sleep(0.2)  # accepted and reading
+        sock.sendall(client_frame(Opcode.TEXT, b"\xff\xfehello"))
+        received = read_until_closed(sock, 10)
+        assert received[:4] == bytes([0x88, 2]) + (1007).to_bytes(2, "big"), received
+        time.sleep(0.2)
+    log = server_log(process)
+    assert "Traceback" not in log and "closed a websocket with 1007: a text frame was not UTF-8" in log, log
