@@ -1747,12 +1747,15 @@ async def share_presence(username, redis_client):
                 SET_PRESENCE, 3, PRESENCE_PROCESSES, presence_key(), BROADCAST_CHANNEL, username, count,
                 PRESENCE_EXPIRY_SECONDS, join, leave,
             ), REDIS_SECONDS)
-            presence_in_redis[username] = count
-            if not count:
-                del presence_in_redis[username]
     except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
         log_now_and_then("presence", logging.WARNING, "could not share presence through Redis (%s); telling this process only", error)
-        deliver_presence(presence_event(username, sockets_per_user[username] > 0))
+        count = sockets_per_user[username]
+        if (count > 0) != (username in known_online):  # a first or last socket, as far as this process knows
+            deliver_presence(presence_event(username, count > 0))
+    # What this process's hash holds, or (Redis away) is to hold once a renewal rewrites it.
+    presence_in_redis[username] = count
+    if not count:
+        del presence_in_redis[username]
 
 
 def in_background(coroutine):

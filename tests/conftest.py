@@ -247,3 +247,56 @@ async def closed_with(ws, seconds=10):
             await asyncio.wait_for(ws.recv(), seconds)
     except ConnectionClosed:
         return ws.close_code, ws.close_reason
+
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+class OwnRedis:
+    """A redis-server of this test's own on a free port, without persistence, that the test may
+    stop and start again on the same port."""
+
+    def __init__(self):
+        if not os.access(REDIS_SERVER, os.X_OK):
+            unavailable(f"{REDIS_SERVER} is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def answers(self):
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def start(self):
+        log = open(TMP / f"redis-{self.port}-{secrets.token_hex(3)}.log", "w")
+        with log:  # the child has its own copy
+            self.process = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        while not self.answers():
+            assert self.process.poll() is None, f"redis-server exited with {self.process.returncode}"
+            assert time.monotonic() < deadline, "redis-server did not answer within 10 seconds"
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.process:
+            stop_process(self.process, 10)
+
+
+@contextlib.contextmanager
+def own_redis():
+    server = OwnRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

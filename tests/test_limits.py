@@ -11,10 +11,8 @@ let one more through. Tests that count in memory therefore start in a fresh wind
 
 import asyncio
 import contextlib
-import os
 import re
 import secrets
-import subprocess
 import time
 
 import httpx
@@ -23,14 +21,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import (
-    PASSWORD, TMP, closed_with, free_port, register_and_login, running_server, same_window, server_log,
-    stop_process, unavailable, unique_name, ws_url,
+    PASSWORD, closed_with, own_redis, register_and_login, running_server, same_window, server_log, unique_name,
+    ws_url,
 )
 
 LIMIT_VARIABLES = ("LOGIN_LIMIT", "REGISTER_LIMIT", "MESSAGE_LIMIT", "MAX_SOCKETS_PER_USER")
 TOO_MANY = re.compile(r"Too many attempts; try again in (\d+) seconds")
 OTHER_ADDRESS = "127.0.0.2"  # on Linux the whole of 127.0.0.0/8 is loopback: a second client address
-REDIS_SERVER = "/usr/bin/redis-server"
 
 
 def run(coroutine, seconds=60):
@@ -465,51 +462,23 @@ def test_two_processes_share_one_message_limit_through_redis(two_processes):
     no_server_errors(process_b)
 
 
-@contextlib.contextmanager
-def own_redis():
-    """A redis-server of this test's own on a free port, without persistence; yields (url, process)."""
-    import redis
-
-    if not os.access(REDIS_SERVER, os.X_OK):
-        unavailable(f"{REDIS_SERVER} is not installed")
-    port = free_port()
-    with open(TMP / f"redis-{port}-{secrets.token_hex(3)}.log", "w") as log:
-        process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
-        connection = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(redis.RedisError):
-                if connection.ping():
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        connection.close()
-        yield f"redis://127.0.0.1:{port}/0", process
-    finally:
-        stop_process(process, 10)
-
-
 def test_with_redis_away_limits_count_in_memory_and_nothing_else_changes():
     import redis
 
     channel = "chat-limits-test-" + secrets.token_hex(6)
-    with own_redis() as (redis_url, redis_process):
-        env = {"BROADCAST_URL": redis_url, "BROADCAST_CHANNEL": channel,
+    with own_redis() as redis_server:
+        env = {"BROADCAST_URL": redis_server.url, "BROADCAST_CHANNEL": channel,
                "LOGIN_LIMIT": "3 per hour", "MESSAGE_LIMIT": "3 per hour"}
         with running_server(env) as (base_url, process), client(base_url) as http:
             alice, alice_tokens = register_and_login(http)
             bob, bob_tokens = register_and_login(http)
             assert_401(login(http, alice, "wrong-password"))
             # While Redis answers, the limits are counted there.
-            connection = redis.Redis.from_url(redis_url)
+            connection = redis.Redis.from_url(redis_server.url)
             assert any(channel in key.decode() for key in connection.keys("*")), connection.keys("*")
             connection.close()
 
-            stop_process(redis_process, 10)
+            redis_server.stop()
             same_window(3600)
             # Counted in this process now (from zero: Redis had the first failure).
             for _ in range(3):

@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import chat
-from conftest import REDIS_URL, register_and_login, running_server, ws_url
+from conftest import REDIS_URL, own_redis, register_and_login, running_server, ws_url
 
 
 def run(coroutine):
@@ -254,3 +254,36 @@ def test_one_user_joining_on_two_processes_at_once_is_one_join(two_processes):
             assert await presence_frames(watcher, 2) == [(carol, False)]
 
     run(scenario())
+
+
+def test_while_redis_is_away_presence_changes_only_on_first_and_last_socket_and_is_right_after():
+    """While Redis is away a process tells its own watchers of joins and leaves: a user's second
+    socket is no join, and closing one of two no leave. Once Redis is back, the process's counts
+    there are its live ones (GET /auth/online is right) and no join or leave goes out wrongly."""
+    with own_redis() as redis_server:
+        env = {"BROADCAST_URL": redis_server.url, "BROADCAST_CHANNEL": "chat-test-" + secrets.token_hex(4),
+               "PRESENCE_EXPIRY_SECONDS": "3"}
+        with running_server(env=env) as (base_url, _), httpx.Client(base_url=base_url) as http:
+            (carol, carol_tokens), (alice, alice_tokens), (bob, bob_tokens) = [register_and_login(http) for _ in range(3)]
+
+            async def scenario():
+                async with watch(base_url, carol_tokens) as watcher:
+                    await wait_for_presence(watcher, (carol, True))
+                    first = await connect(ws_url(base_url, alice_tokens["access_token"]))
+                    await wait_for_presence(watcher, (alice, True))
+                    redis_server.stop()
+                    second = await connect(ws_url(base_url, alice_tokens["access_token"]))
+                    third = await connect(ws_url(base_url, alice_tokens["access_token"]))
+                    bob_ws = await connect(ws_url(base_url, bob_tokens["access_token"]))
+                    await first.close()
+                    assert await presence_frames(watcher, 1.5) == [(bob, True)]
+                    redis_server.start()
+                    await asyncio.sleep(3)  # renewals every second rewrite this process's counts
+                    assert await presence_frames(watcher, 1) == []
+                    counts = {row["username"]: row["connections"] for row in online(base_url, carol_tokens)}
+                    for ws in (second, third, bob_ws):
+                        await ws.close()
+                    return counts
+
+            counts = run(scenario())
+            assert {name: counts.get(name) for name in (carol, alice, bob)} == {carol: 1, alice: 2, bob: 1}

@@ -14,7 +14,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -28,13 +27,12 @@ from websockets.exceptions import ConnectionClosed
 
 import chat
 from conftest import (
-    POSTGRES_ADMIN_URL, TMP, closed_with, free_port, postgres_admin, register_and_login, running_server,
-    server_log, stop_process, unavailable, ws_url,
+    POSTGRES_ADMIN_URL, closed_with, free_port, own_redis, postgres_admin, register_and_login, running_server,
+    server_log, unavailable, ws_url,
 )
 
 USER_PREFIX = "so" + secrets.token_hex(3) + "_"  # every user of this module, none of anyone else's
 CHANNEL = "chat-test-" + secrets.token_hex(6)  # this run's own, on the shared Redis
-REDIS_SERVER = "/usr/bin/redis-server"
 
 
 def run(coroutine, seconds=60):
@@ -85,56 +83,6 @@ def shared_database():
     """The PostgreSQL database that this module's servers share."""
     with postgres_database() as name:
         yield name
-
-
-class OwnRedis:
-    """A redis-server of this test's own on a free port, without persistence, that the test may
-    stop and start again on the same port."""
-
-    def __init__(self):
-        if not os.access(REDIS_SERVER, os.X_OK):
-            unavailable(f"{REDIS_SERVER} is not installed")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = None
-
-    def answers(self):
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            return client.ping()
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
-
-    def start(self):
-        log = open(TMP / f"redis-{self.port}-{secrets.token_hex(3)}.log", "w")
-        with log:  # the child has its own copy
-            self.process = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            assert self.process.poll() is None, f"redis-server exited with {self.process.returncode}"
-            assert time.monotonic() < deadline, "redis-server did not answer within 10 seconds"
-            time.sleep(0.05)
-
-    def stop(self):
-        if self.process:
-            stop_process(self.process, 10)
-
-
-@contextlib.contextmanager
-def own_redis():
-    server = OwnRedis()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 # ---------------------------------------------------------------- servers and their logs
