@@ -1958,7 +1958,8 @@ async def chat_socket(websocket, send):
         code = await read_frames(websocket, username)
         if code is not None:  # the close goes out after what is queued; give_up() ends a stuck one
             close_client(websocket, code)
-            await asyncio.wait({client.sending})
+            if client.sending is not None:  # None when a failed send let the client go already
+                await asyncio.wait({client.sending})
     except WebSocketDisconnect:
         pass
     except asyncio.CancelledError:
