@@ -48,6 +48,14 @@ async def wait_for_presence(ws, expected, seconds=10):
     raise AssertionError(f"no presence frame {expected}")
 
 
+async def echoed(ws):
+    """Send a message and wait for its echo: the server reads a socket only once it has counted it."""
+    text = "echo " + secrets.token_hex(4)
+    await ws.send(text)
+    while not (await asyncio.wait_for(ws.recv(), 10)).endswith(": " + text):
+        pass
+
+
 def watch(base_url, tokens):
     return connect(ws_url(base_url, tokens["access_token"], format="json", presence="1"))
 
@@ -275,6 +283,8 @@ def test_while_redis_is_away_presence_changes_only_on_first_and_last_socket_and_
                     second = await connect(ws_url(base_url, alice_tokens["access_token"]))
                     third = await connect(ws_url(base_url, alice_tokens["access_token"]))
                     bob_ws = await connect(ws_url(base_url, bob_tokens["access_token"]))
+                    for ws in (second, third, bob_ws):  # counted by the server (a handshake comes first)
+                        await echoed(ws)
                     await first.close()
                     assert await presence_frames(watcher, 1.5) == [(bob, True)]
                     redis_server.start()
