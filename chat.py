@@ -15,6 +15,7 @@ import functools
 import gc
 import hashlib
 import hmac
+import http
 import itertools
 import json
 import logging
@@ -2449,7 +2450,9 @@ ERROR_SENTENCES = {404: "There is nothing at this path", 405: "This path does no
 
 
 async def http_error(request, exc):
-    detail = ERROR_SENTENCES.get(exc.status_code, exc.detail)
+    detail = exc.detail
+    if detail == http.HTTPStatus(exc.status_code).phrase:  # Starlette's own ("Not Found"): a sentence instead
+        detail = ERROR_SENTENCES.get(exc.status_code, detail)
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 

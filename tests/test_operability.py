@@ -145,6 +145,9 @@ def test_log_format_json_makes_every_line_a_json_object():
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
 
 
-def test_metrics_off_answers_404():
+def test_metrics_off_answers_404_and_says_why():
     with running_server(env={"METRICS": "off"}) as (base_url, _):
-        assert httpx.get(base_url + "/metrics").status_code == 404
+        response = httpx.get(base_url + "/metrics")
+        assert (response.status_code, response.json()) == (404, {"detail": "Metrics are off (METRICS=off)"})
+        nowhere = httpx.get(base_url + "/no-such-path")  # a 404 of Starlette's own still reads as a sentence
+        assert (nowhere.status_code, nowhere.json()) == (404, {"detail": "There is nothing at this path"})
