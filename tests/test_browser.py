@@ -400,6 +400,71 @@ def test_a_refused_access_token_is_refreshed_silently(open_page, server, http):
     assert [who for _, who, text in shown(page) if text == "still here"] == [username]
 
 
+def test_logging_out_while_a_refresh_is_on_its_way_keeps_the_page_out_and_other_sessions_in(open_page, server, http):
+    """The page refreshes an expired access token at load; here the server has answered but the
+    answer is held until the user has clicked Log out. The new tokens must not sign the page back
+    in (they are revoked instead), and the logout must not present the token being exchanged:
+    that counts as theft, and would end the user's sessions everywhere."""
+    username, tokens = register_and_login(http)
+    elsewhere = http.post("/auth/login", json={"username": username, "password": PASSWORD}).json()
+    page = open_page(server + "/")
+    page.evaluate(
+        "([access, refresh]) => { localStorage.setItem('access_token', access);"
+        " localStorage.setItem('refresh_token', refresh); }",
+        [access_token_expiring_in(username, -60), tokens["refresh_token"]],
+    )
+    held = []
+    page.route("**/auth/refresh", lambda route: held.append(route))
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#logout').offsetParent !== null")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    answer = held[0].fetch()  # the server has exchanged the token
+    assert answer.status == 200
+    page.click("#logout")
+    expect(page.locator("#auth-view")).to_be_visible()
+    with page.expect_request("**/auth/logout") as logout:
+        held[0].fulfill(response=answer)
+    assert json.loads(logout.value.post_data)["refresh_token"] == answer.json()["refresh_token"]
+    page.wait_for_timeout(500)
+    expect(page.locator("#auth-view")).to_be_visible()
+    assert storage(page, "access_token") is None and storage(page, "refresh_token") is None
+    # The session on the other device goes on; the pair the held refresh brought is revoked.
+    assert http.post("/auth/refresh", json={"refresh_token": elsewhere["refresh_token"]}).status_code == 200
+    assert http.post("/auth/refresh", json={"refresh_token": answer.json()["refresh_token"]}).status_code == 401
+
+
+def test_two_tabs_refreshing_at_once_without_web_locks_both_stay_signed_in(open_page, server, http):
+    """Outside a secure context (plain HTTP on a LAN address) browsers have no navigator.locks, so
+    two tabs can present the same refresh token at once: the server refuses the second. That tab
+    must pick up the tokens the first one saved, not sign both out."""
+    username, tokens = register_and_login(http)
+    page = open_page(server + "/")
+    page.context.add_init_script("Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined })")
+    page.evaluate(
+        "([access, refresh]) => { localStorage.setItem('access_token', access);"
+        " localStorage.setItem('refresh_token', refresh); }",
+        [access_token_expiring_in(username, -60), tokens["refresh_token"]],
+    )
+    held = []
+    page.context.route("**/auth/refresh", lambda route: held.append(route))
+    page.reload()
+    other = open_page.tab(page)
+    deadline = time.monotonic() + 10
+    while len(held) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert len(held) == 2 and page.evaluate("() => navigator.locks") is None
+    held[0].continue_()  # the first wins, and its tab saves the new pair...
+    page.wait_for_function("old => localStorage.getItem('refresh_token') !== old", arg=tokens["refresh_token"])
+    held[1].continue_()  # ...then the second gets 401 for the same token
+    for tab in (page, other):
+        expect_connected(tab)
+    assert storage(page, "refresh_token") not in (None, tokens["refresh_token"])
+    say(other, "both tabs still here")
+    wait_for_text(page, "both tabs still here")
+
+
 def test_the_page_runs_under_its_content_security_policy(open_page, server):
     policy = httpx.get(server + "/").headers["content-security-policy"]
     assert re.search(r"script-src 'sha256-[A-Za-z0-9+/]+=*';", policy)
