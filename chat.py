@@ -352,10 +352,15 @@ DELIVERY_DELAY = metric(Histogram, "chat_delivery_delay_seconds",
 
 # ---------------------------------------------------------------- SQL access
 
+# A PostgreSQL statement that takes longer fails (a message's websocket gets 1011) rather than
+# holding every message behind it for as long as the server does not answer.
+DATABASE_SECONDS = 10
+
+
 def new_database():
     if USES_SQLITE:  # Python's sqlite3 waits this long for a lock (its busy timeout) instead of failing at once
         return databases.Database(DATABASE_URL, timeout=5.0)
-    return databases.Database(DATABASE_URL, reset=keep_session)
+    return databases.Database(DATABASE_URL, reset=keep_session, command_timeout=DATABASE_SECONDS)
 
 
 async def keep_session(connection):

@@ -385,6 +385,42 @@ def test_a_batch_that_does_not_fit_the_message_limit_stores_what_fits(shared_dat
     assert "Traceback" not in server_log(process)
 
 
+def test_a_statement_that_hangs_fails_after_database_seconds_instead_of_holding_every_message(
+        shared_database, shared_redis):
+    """A PostgreSQL that stops answering (here: the shared lock held and never let go) makes a
+    message's INSERT fail after DATABASE_SECONDS, so its websocket gets 1011 and the client can
+    reconnect and resend, rather than every message waiting for ever behind it."""
+    import asyncpg
+
+    env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
+    with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
+        name, token, start = user_from_now(http)
+
+        async def scenario():
+            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
+            try:
+                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
+                async with connect(ws_url(url, token)) as ws:
+                    sent = time.monotonic()
+                    await ws.send("behind a lock that is never let go")
+                    assert await closed_with(ws, chat.DATABASE_SECONDS + 5) == (1011, "")
+                    waited = time.monotonic() - sent
+                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
+            finally:
+                await holder.close()
+            client = await Client.open(name, url, token, start)
+            try:
+                await send_all(client, ["after the lock"])
+            finally:
+                await client.close()
+            return waited
+
+        waited = run(scenario())
+        assert chat.DATABASE_SECONDS - 1 < waited < chat.DATABASE_SECONDS + 3
+        assert [m["text"] for m in history(http, token, start)] == ["after the lock"]
+    assert "could not store a message" in server_log(process)
+
+
 def test_messages_read_before_a_stop_are_stored_before_the_process_exits(shared_database, shared_redis):
     """A server stopped (SIGTERM) while messages it has read wait to be stored stores them before
     it exits, rather than dropping them with its writer: a restart loses no message that reached
