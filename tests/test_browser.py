@@ -554,6 +554,29 @@ def test_a_socket_closed_at_token_expiry_reconnects_unnoticed(open_page, server,
     assert not {"offline", "signed-out"} & set(page.evaluate("states")), page.evaluate("states")
 
 
+def test_a_burst_of_frames_is_shown_in_id_order_once(open_page, server):
+    """A reconnect's after= replay brings up to 10,000 frames at once; the page shows them
+    together (one at a time took 50 s for 10,000 here: a layout of the whole list per frame).
+    Here 3,000 frames, shuffled and a tenth of them twice, go through the socket's handler."""
+    page = open_page(server + "/")
+    sign_up(page, unique_name())
+    shown_before = len(shown(page))
+    page.evaluate("""n => {
+        const ids = Array.from({length: n}, (_, i) => 2000000000 + i);
+        for (let i = ids.length - 1; i > 0; i--) {
+            const j = Math.floor(Math.random() * (i + 1));
+            [ids[i], ids[j]] = [ids[j], ids[i]];
+        }
+        for (const id of ids.concat(ids.slice(0, n / 10))) {
+            socket.onmessage({data: JSON.stringify(
+                {type: 'message', id, username: 'burst', text: 'burst ' + id, created_at: '2026-11-26T12:00:00Z'})});
+        }
+    }""", 3000)
+    page.wait_for_function("n => document.querySelectorAll('#messages li').length >= n", arg=shown_before + 3000)
+    burst = [(id, text) for id, who, text in shown(page) if who == "burst"]
+    assert burst == [(2000000000 + i, f"burst {2000000000 + i}") for i in range(3000)]
+
+
 def test_load_older_pages_back_through_history(open_page, server, http):
     username, tokens = register_and_login(http)
     texts = [f"{username} number {i}" for i in range(60)]
