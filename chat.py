@@ -101,7 +101,7 @@ def env_int(name, default, minimum, maximum):
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    if not re.fullmatch(r"\d{1,9}", raw) or not minimum <= int(raw) <= maximum:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or not minimum <= int(raw) <= maximum:
         config_error(f"{name} must be a whole number from {minimum} to {maximum}, not {raw!r}")
     return int(raw)
 
@@ -962,7 +962,7 @@ async def logout(request):
 
 def whole_number(raw, minimum=0, maximum=NO_ID_LIMIT):
     """`raw` as an int if it is plain digits within the bounds (no sign, space or '_'), else None."""
-    if not re.fullmatch(r"\d{1,19}", raw) or not minimum <= int(raw) <= maximum:
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not minimum <= int(raw) <= maximum:
         return None
     return int(raw)
 

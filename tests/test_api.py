@@ -123,7 +123,8 @@ def test_messages_paging_with_limit_before_and_after(client, user):
     assert get(f"after={ids[-1]}") == []
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=abc", "before=-1", "after=1.5", "limit="])
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=abc", "before=-1", "after=1.5", "limit=",
+                                   "limit=%EF%BC%91%EF%BC%90", "after=%D9%A3"])  # fullwidth 10, Arabic-Indic 3
 def test_messages_bad_query_values_are_400(client, user, query):
     response = client.get(f"/auth/messages?{query}", headers=bearer(user[1]))
     assert response.status_code == 400
