@@ -1867,6 +1867,8 @@ async def read_frames(websocket, username):
             del unstored[0]
         if len(unstored) == UNSTORED_PER_SOCKET:
             await asyncio.wait([unstored.pop(0)])
+            if websocket not in clients:  # that one failed or was refused: nothing after it is stored
+                continue
         unstored.append(store_soon(websocket, username, text, unstored))
 
 
@@ -2137,6 +2139,8 @@ class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
         """Answer a ping (uvicorn writes the pong whether or not the client reads), and reset
         the connection of a client that sends pings but reads nothing once WRITE_BUFFER_LIMIT
         is waiting to go to it: its pongs would otherwise be buffered without end."""
+        if self.transport.is_closing():  # reset already: the rest of what it sent goes unanswered
+            return
         super().handle_ping()
         if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.abort()
