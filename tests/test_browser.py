@@ -465,6 +465,44 @@ def test_two_tabs_refreshing_at_once_without_web_locks_both_stay_signed_in(open_
     wait_for_text(page, "both tabs still here")
 
 
+def test_a_tab_whose_refresh_lost_does_not_let_a_logout_show_the_winners_token_again(open_page, server, http):
+    """Without Web Locks, tab A's refresh has reached the server (the token is exchanged) but its
+    answer is on its way when tab B's refresh of the same token is refused; a logout now must not
+    show that token again (theft to the server: every session of the user would end)."""
+    username, tokens = register_and_login(http)
+    elsewhere = http.post("/auth/login", json={"username": username, "password": PASSWORD}).json()
+    page = open_page(server + "/")
+    page.context.add_init_script("Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined })")
+    page.evaluate(
+        "([access, refresh]) => { localStorage.setItem('access_token', access);"
+        " localStorage.setItem('refresh_token', refresh); }",
+        [access_token_expiring_in(username, -60), tokens["refresh_token"]],
+    )
+    held = []
+    page.context.route("**/auth/refresh", lambda route: held.append(route))
+    page.reload()
+    other = open_page.tab(page)
+    deadline = time.monotonic() + 10
+    while len(held) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert len(held) == 2
+    answer = held[0].fetch()  # the first reaches the server and is exchanged; its answer waits
+    held[1].continue_()  # the second is refused
+    page.wait_for_timeout(300)
+    logouts = []
+    page.context.on("request", lambda request: request.url.endswith("/auth/logout") and logouts.append(request))
+    winner = held[0].request.frame.page
+    loser = other if winner is page else page
+    loser.click("#logout")
+    expect(loser.locator("#auth-view")).to_be_visible()
+    held[0].fulfill(response=answer)
+    expect(winner.locator("#auth-view")).to_be_visible()
+    page.wait_for_timeout(500)
+    assert tokens["refresh_token"] not in [json.loads(request.post_data)["refresh_token"] for request in logouts]
+    assert http.post("/auth/refresh", json={"refresh_token": elsewhere["refresh_token"]}).status_code == 200
+    assert storage(page, "refresh_token") is None and storage(page, "exchanging_refresh_token") is None
+
+
 def test_the_page_runs_under_its_content_security_policy(open_page, server):
     policy = httpx.get(server + "/").headers["content-security-policy"]
     assert re.search(r"script-src 'sha256-[A-Za-z0-9+/]+=*';", policy)
