@@ -352,15 +352,10 @@ DELIVERY_DELAY = metric(Histogram, "chat_delivery_delay_seconds",
 
 # ---------------------------------------------------------------- SQL access
 
-# A PostgreSQL statement that takes longer fails (a message's websocket gets 1011) rather than
-# holding every message behind it for as long as the server does not answer.
-DATABASE_SECONDS = 10
-
-
 def new_database():
     if USES_SQLITE:  # Python's sqlite3 waits this long for a lock (its busy timeout) instead of failing at once
         return databases.Database(DATABASE_URL, timeout=5.0)
-    return databases.Database(DATABASE_URL, reset=keep_session, command_timeout=DATABASE_SECONDS)
+    return databases.Database(DATABASE_URL, reset=keep_session)
 
 
 async def keep_session(connection):
@@ -530,12 +525,20 @@ INSERT_MESSAGES_IN_TURN = f"""
     FROM json_array_elements(CAST(:rows AS json)) WITH ORDINALITY CROSS JOIN turn ORDER BY ordinality RETURNING id"""
 
 
+# Storing a batch on PostgreSQL that takes longer fails (its websockets get 1011) rather than
+# holding every message behind it for as long as the server does not answer. (SQLite gives up
+# on a lock after its busy timeout, 5 s; its statements run in a thread that a timeout here
+# would not stop.)
+DATABASE_SECONDS = 10
+
+
 async def insert_messages(messages, created_at):
     """Store (username, text) pairs in one statement; returns their ids, in the pairs' order."""
     rows = json.dumps(messages, ensure_ascii=False)
     in_turn = not USES_SQLITE and "redis" in service
-    found = await db().fetch_all(INSERT_MESSAGES_IN_TURN if in_turn else INSERT_MESSAGES,
-                                 {"rows": rows, "created_at": created_at})
+    storing = db().fetch_all(INSERT_MESSAGES_IN_TURN if in_turn else INSERT_MESSAGES,
+                             {"rows": rows, "created_at": created_at})
+    found = await (storing if USES_SQLITE else asyncio.wait_for(storing, DATABASE_SECONDS))
     # The rows get ascending ids in the order they are inserted; RETURNING itself promises no order.
     return sorted(row["id"] for row in found)
 
