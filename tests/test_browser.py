@@ -595,7 +595,8 @@ def test_a_socket_closed_at_token_expiry_reconnects_unnoticed(open_page, server,
 def test_a_burst_of_frames_is_shown_in_id_order_once(open_page, server):
     """A reconnect's after= replay brings up to 10,000 frames at once; the page shows them
     together (one at a time took 50 s for 10,000 here: a layout of the whole list per frame).
-    Here 3,000 frames, shuffled and a tenth of them twice, go through the socket's handler."""
+    Here 3,000 frames, shuffled and a tenth of them twice, with a few malformed ones among them,
+    go through the socket's handler."""
     page = open_page(server + "/")
     sign_up(page, unique_name())
     shown_before = len(shown(page))
@@ -608,6 +609,10 @@ def test_a_burst_of_frames_is_shown_in_id_order_once(open_page, server):
         for (const id of ids.concat(ids.slice(0, n / 10))) {
             socket.onmessage({data: JSON.stringify(
                 {type: 'message', id, username: 'burst', text: 'burst ' + id, created_at: '2026-11-26T12:00:00Z'})});
+            if (id % 1000 === 0) {  // a frame it cannot show, among the others, spoils none of them
+                socket.onmessage({data: JSON.stringify({type: 'message', id: id + 0.5, username: 'burst', text: 'x'})});
+                socket.onmessage({data: JSON.stringify({type: 'message', id: 3000000000 + id, username: 42, text: null})});
+            }
         }
     }""", 3000)
     page.wait_for_function("n => document.querySelectorAll('#messages li').length >= n", arg=shown_before + 3000)
