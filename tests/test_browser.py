@@ -400,6 +400,29 @@ def test_a_refused_access_token_is_refreshed_silently(open_page, server, http):
     assert [who for _, who, text in shown(page) if text == "still here"] == [username]
 
 
+def tabs_refreshing_at_load(open_page, server, username, refresh_token, tabs=1, web_locks=True):
+    """`tabs` tabs of one browser context that load with an expired access token, so that each
+    refreshes at once; their /auth/refresh requests are held, and returned as routes for the test
+    to let go. Without `web_locks` the browser has no navigator.locks (as outside a secure context)."""
+    page = open_page(server + "/")
+    if not web_locks:
+        page.context.add_init_script("Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined })")
+    page.evaluate(
+        "([access, refresh]) => { localStorage.setItem('access_token', access);"
+        " localStorage.setItem('refresh_token', refresh); }",
+        [access_token_expiring_in(username, -60), refresh_token],
+    )
+    held = []
+    page.context.route("**/auth/refresh", lambda route: held.append(route))
+    page.reload()
+    pages = [page] + [open_page.tab(page) for _ in range(tabs - 1)]
+    deadline = time.monotonic() + 10
+    while len(held) < tabs and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert len(held) == tabs and page.evaluate("() => Boolean(navigator.locks)") == web_locks
+    return pages, held
+
+
 def test_logging_out_while_a_refresh_is_on_its_way_keeps_the_page_out_and_other_sessions_in(open_page, server, http):
     """The page refreshes an expired access token at load; here the server has answered but the
     answer is held until the user has clicked Log out. The new tokens must not sign the page back
@@ -407,19 +430,7 @@ def test_logging_out_while_a_refresh_is_on_its_way_keeps_the_page_out_and_other_
     that counts as theft, and would end the user's sessions everywhere."""
     username, tokens = register_and_login(http)
     elsewhere = http.post("/auth/login", json={"username": username, "password": PASSWORD}).json()
-    page = open_page(server + "/")
-    page.evaluate(
-        "([access, refresh]) => { localStorage.setItem('access_token', access);"
-        " localStorage.setItem('refresh_token', refresh); }",
-        [access_token_expiring_in(username, -60), tokens["refresh_token"]],
-    )
-    held = []
-    page.route("**/auth/refresh", lambda route: held.append(route))
-    page.reload()
-    page.wait_for_function("() => document.querySelector('#logout').offsetParent !== null")
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(50)
+    (page,), held = tabs_refreshing_at_load(open_page, server, username, tokens["refresh_token"])
     answer = held[0].fetch()  # the server has exchanged the token
     assert answer.status == 200
     page.click("#logout")
@@ -440,21 +451,8 @@ def test_two_tabs_refreshing_at_once_without_web_locks_both_stay_signed_in(open_
     two tabs can present the same refresh token at once: the server refuses the second. That tab
     must pick up the tokens the first one saved, not sign both out."""
     username, tokens = register_and_login(http)
-    page = open_page(server + "/")
-    page.context.add_init_script("Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined })")
-    page.evaluate(
-        "([access, refresh]) => { localStorage.setItem('access_token', access);"
-        " localStorage.setItem('refresh_token', refresh); }",
-        [access_token_expiring_in(username, -60), tokens["refresh_token"]],
-    )
-    held = []
-    page.context.route("**/auth/refresh", lambda route: held.append(route))
-    page.reload()
-    other = open_page.tab(page)
-    deadline = time.monotonic() + 10
-    while len(held) < 2 and time.monotonic() < deadline:
-        page.wait_for_timeout(50)
-    assert len(held) == 2 and page.evaluate("() => navigator.locks") is None
+    (page, other), held = tabs_refreshing_at_load(open_page, server, username, tokens["refresh_token"], 2,
+                                                  web_locks=False)
     held[0].continue_()  # the first wins, and its tab saves the new pair...
     page.wait_for_function("old => localStorage.getItem('refresh_token') !== old", arg=tokens["refresh_token"])
     held[1].continue_()  # ...then the second gets 401 for the same token
@@ -471,21 +469,8 @@ def test_a_tab_whose_refresh_lost_does_not_let_a_logout_show_the_winners_token_a
     show that token again (theft to the server: every session of the user would end)."""
     username, tokens = register_and_login(http)
     elsewhere = http.post("/auth/login", json={"username": username, "password": PASSWORD}).json()
-    page = open_page(server + "/")
-    page.context.add_init_script("Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined })")
-    page.evaluate(
-        "([access, refresh]) => { localStorage.setItem('access_token', access);"
-        " localStorage.setItem('refresh_token', refresh); }",
-        [access_token_expiring_in(username, -60), tokens["refresh_token"]],
-    )
-    held = []
-    page.context.route("**/auth/refresh", lambda route: held.append(route))
-    page.reload()
-    other = open_page.tab(page)
-    deadline = time.monotonic() + 10
-    while len(held) < 2 and time.monotonic() < deadline:
-        page.wait_for_timeout(50)
-    assert len(held) == 2
+    (page, other), held = tabs_refreshing_at_load(open_page, server, username, tokens["refresh_token"], 2,
+                                                  web_locks=False)
     answer = held[0].fetch()  # the first reaches the server and is exchanged; its answer waits
     held[1].continue_()  # the second is refused
     page.wait_for_timeout(300)
