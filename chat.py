@@ -1459,14 +1459,7 @@ async def store_in_batches(to_store):
     stopping = False
     try:
         while not stopping:
-            batch = [await to_store.get()]
-            while len(batch) < STORE_BATCH and not to_store.empty() and batch[-1] is not None:
-                batch.append(to_store.get_nowait())
-            stopping = batch[-1] is None
-            # Without the messages whose socket's earlier one failed.
-            batch = [item for item in batch if item is not None and not item[2].cancelled()]
-            if MESSAGE_LIMIT and batch:
-                batch = await within_message_limit(batch)
+            batch, stopping = await next_batch(to_store)
             if not batch:
                 await asyncio.sleep(0)  # the refused ones' sockets cancel their later messages first
                 continue
@@ -1492,6 +1485,20 @@ async def store_in_batches(to_store):
     finally:
         if publishing is not None:
             publishing.cancel()
+
+
+async def next_batch(to_store):
+    """What waits to be stored, up to STORE_BATCH, without the messages of a socket whose earlier
+    one failed (it cancelled them) and those past MESSAGE_LIMIT; and whether stop_writer() asked
+    the writer to stop after these."""
+    batch = [await to_store.get()]
+    while len(batch) < STORE_BATCH and not to_store.empty() and batch[-1] is not None:
+        batch.append(to_store.get_nowait())
+    stopping = batch[-1] is None
+    batch = [item for item in batch if item is not None and not item[2].cancelled()]
+    if MESSAGE_LIMIT and batch:
+        batch = await within_message_limit(batch)
+    return batch, stopping
 
 
 WRITER_STOP_SECONDS = 5
@@ -1864,14 +1871,14 @@ async def read_frames(websocket, username):
         if "\x00" in text:
             continue
         text = UNSAFE_CHARACTERS.sub("", text)
-        if not text.strip() or websocket not in clients:  # not in clients: it is being closed
-            continue
         while unstored and unstored[0].done():
             del unstored[0]
         if len(unstored) == UNSTORED_PER_SOCKET:
             await asyncio.wait([unstored.pop(0)])
-            if websocket not in clients:  # that one failed or was refused: nothing after it is stored
-                continue
+        # Not in clients: it is being closed (maybe because a message of its own failed or was
+        # refused meanwhile, and then nothing after that one is stored).
+        if not text.strip() or websocket not in clients:
+            continue
         unstored.append(store_soon(websocket, username, text, unstored))
 
 

@@ -270,8 +270,6 @@ def test_a_process_stores_only_in_its_turn_under_the_shared_lock(shared_database
     """Every process's INSERT takes one PostgreSQL advisory lock first, so ids become visible in
     the order they are given. While someone else holds that lock, a message is neither stored
     nor delivered; once it is let go, it is both."""
-    import asyncpg
-
     env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
     with running_server(env) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
         name, tokens = new_user(http)
@@ -280,19 +278,17 @@ def test_a_process_stores_only_in_its_turn_under_the_shared_lock(shared_database
 
         async def scenario():
             client = await Client.open(name, url, token, start)
-            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
             try:
-                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
-                await client.ws.send("waits its turn")
-                await asyncio.sleep(1.5)
-                assert client.texts() == []
-                assert await asyncio.to_thread(history, http, token, start) == []
-                # An id given out now is lower than the waiting message's: it takes its id in its turn.
-                taken_meanwhile = await holder.fetchval("SELECT nextval('messages_id_seq')")
-                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
-                await client.wait_for(["waits its turn"])
+                async with shared_lock_held(shared_database) as holder:
+                    await client.ws.send("waits its turn")
+                    await asyncio.sleep(1.5)
+                    assert client.texts() == []
+                    assert await asyncio.to_thread(history, http, token, start) == []
+                    # An id given out now is lower than the waiting message's: it takes its id in its turn.
+                    taken_meanwhile = await holder.fetchval("SELECT nextval('messages_id_seq')")
+                    await let_go(holder)
+                    await client.wait_for(["waits its turn"])
             finally:
-                await holder.close()
                 await client.close()
             return taken_meanwhile
 
@@ -300,6 +296,24 @@ def test_a_process_stores_only_in_its_turn_under_the_shared_lock(shared_database
         stored = history(http, token, start)
         assert [message["text"] for message in stored] == ["waits its turn"]
         assert stored[0]["id"] > taken_meanwhile
+
+
+@contextlib.asynccontextmanager
+async def shared_lock_held(database):
+    """A connection of the test's own holding the advisory lock that every INSERT takes first
+    (with Redis), until let_go() or the end of the block."""
+    import asyncpg
+
+    holder = await asyncpg.connect(database_url(database).replace("+asyncpg", ""), timeout=5)
+    try:
+        await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
+        yield holder
+    finally:
+        await holder.close()
+
+
+async def let_go(holder):
+    await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
 
 
 def batches_stored(http):
@@ -312,8 +326,6 @@ def test_a_socket_is_read_on_while_its_messages_wait_to_be_stored(shared_databas
     """A client that sends several messages at once does not wait for each to be stored before
     the next is read: while the first waits for the shared lock, the others queue behind it and
     are stored together in the next INSERT, and all arrive in the order sent."""
-    import asyncpg
-
     env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
     with running_server(env) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
         name, tokens = new_user(http)
@@ -323,17 +335,15 @@ def test_a_socket_is_read_on_while_its_messages_wait_to_be_stored(shared_databas
 
         async def scenario():
             client = await Client.open(name, url, token, start)
-            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
             try:
-                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
-                before = await asyncio.to_thread(batches_stored, http)
-                for text in texts:
-                    await client.ws.send(text)
-                await asyncio.sleep(1)
-                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
-                await client.wait_for(texts)
+                async with shared_lock_held(shared_database) as holder:
+                    before = await asyncio.to_thread(batches_stored, http)
+                    for text in texts:
+                        await client.ws.send(text)
+                    await asyncio.sleep(1)
+                    await let_go(holder)
+                    await client.wait_for(texts)
             finally:
-                await holder.close()
                 await client.close()
             return before, client.texts()
 
@@ -349,8 +359,6 @@ def test_a_batch_that_does_not_fit_the_message_limit_stores_what_fits(shared_dat
     """MESSAGE_LIMIT counts a user's messages in a batch with one call (in Redis here); when they
     do not all fit, one by one: the first that fit are stored, the socket of the first one past
     the limit gets 4429, and another user's messages in the same batch are stored."""
-    import asyncpg
-
     env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis,
            "BROADCAST_CHANNEL": "chat-test-" + secrets.token_hex(6), "MESSAGE_LIMIT": "5 per hour"}
     with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
@@ -358,11 +366,9 @@ def test_a_batch_that_does_not_fit_the_message_limit_stores_what_fits(shared_dat
         bob, bob_token, _ = user_from_now(http)
 
         async def scenario():
-            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
             watcher = await Client.open(bob, url, bob_token, start)
             try:
-                async with connect(ws_url(url, alice_token)) as ws:
-                    await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
+                async with connect(ws_url(url, alice_token)) as ws, shared_lock_held(shared_database) as holder:
                     await ws.send("alice 0")  # stored alone, once the lock is let go
                     await asyncio.sleep(0.3)
                     for n in range(1, 8):  # the next batch: 7 of hers, 4 of which fit
@@ -370,13 +376,12 @@ def test_a_batch_that_does_not_fit_the_message_limit_stores_what_fits(shared_dat
                     for n in range(2):
                         await watcher.ws.send(f"bob {n}")
                     await asyncio.sleep(0.5)
-                    await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
+                    await let_go(holder)
                     assert await closed_with(ws) == (4429, "Too many messages")
                 await watcher.wait_for(["bob 1"])
                 await asyncio.sleep(0.3)
                 return watcher.texts()
             finally:
-                await holder.close()
                 await watcher.close()
 
         expected = [f"alice {n}" for n in range(5)] + ["bob 0", "bob 1"]
@@ -390,24 +395,16 @@ def test_a_statement_that_hangs_fails_after_database_seconds_instead_of_holding_
     """A PostgreSQL that stops answering (here: the shared lock held and never let go) makes a
     message's INSERT fail after DATABASE_SECONDS, so its websocket gets 1011 and the client can
     reconnect and resend, rather than every message waiting for ever behind it."""
-    import asyncpg
-
     env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
     with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
         name, token, start = user_from_now(http)
 
         async def scenario():
-            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
-            try:
-                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
-                async with connect(ws_url(url, token)) as ws:
-                    sent = time.monotonic()
-                    await ws.send("behind a lock that is never let go")
-                    assert await closed_with(ws, chat.DATABASE_SECONDS + 5) == (1011, "")
-                    waited = time.monotonic() - sent
-                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
-            finally:
-                await holder.close()
+            async with shared_lock_held(shared_database), connect(ws_url(url, token)) as ws:
+                sent = time.monotonic()
+                await ws.send("behind a lock that is never let go")
+                assert await closed_with(ws, chat.DATABASE_SECONDS + 5) == (1011, "")
+                waited = time.monotonic() - sent
             client = await Client.open(name, url, token, start)
             try:
                 await send_all(client, ["after the lock"])
@@ -425,8 +422,6 @@ def test_messages_read_before_a_stop_are_stored_before_the_process_exits(shared_
     """A server stopped (SIGTERM) while messages it has read wait to be stored stores them before
     it exits, rather than dropping them with its writer: a restart loses no message that reached
     the server. Here they wait for the shared lock, which the test lets go after the signal."""
-    import asyncpg
-
     env = {"DATABASE_URL": database_url(shared_database), "BROADCAST_URL": shared_redis, "BROADCAST_CHANNEL": CHANNEL}
     texts = [f"before the stop {n}" for n in range(5)]
     with running_server(env) as (url, process), httpx.Client(base_url=url, timeout=10) as http:
@@ -435,9 +430,7 @@ def test_messages_read_before_a_stop_are_stored_before_the_process_exits(shared_
         start = latest_id(http, token)
 
         async def scenario():
-            holder = await asyncpg.connect(database_url(shared_database).replace("+asyncpg", ""), timeout=5)
-            try:
-                await holder.execute(f"SELECT pg_advisory_lock({chat.PUBLISH_LOCK})")
+            async with shared_lock_held(shared_database) as holder:
                 async with connect(ws_url(url, token)) as ws:
                     for text in texts:
                         await ws.send(text)
@@ -446,9 +439,7 @@ def test_messages_read_before_a_stop_are_stored_before_the_process_exits(shared_
                     assert await closed_with(ws) == (1001, "")
                 await asyncio.sleep(0.5)
                 assert process.poll() is None  # still storing them
-                await holder.execute(f"SELECT pg_advisory_unlock({chat.PUBLISH_LOCK})")
-            finally:
-                await holder.close()
+                await let_go(holder)
 
         run(scenario())
         process.wait(timeout=15)  # uvicorn ends by raising the signal it caught again: no exit code to check
